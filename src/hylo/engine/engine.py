@@ -1,0 +1,281 @@
+"""The step loop: requests in, one scheduled forward + sampling per step, RequestOutputs out."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hylo.config import ModelConfig, ModelError, read_model_config
+from hylo.distributed import TPGroup
+from hylo.engine.cache import BlockAllocator, CachePlan, SlotPool
+from hylo.engine.detokenizer import IncrementalDetokenizer
+from hylo.engine.runner import Runner
+from hylo.engine.scheduler import Scheduled, Scheduler
+from hylo.engine.sequence import Request, Sequence, Status
+from hylo.kernels import select_ops
+from hylo.loader import load_weights
+from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
+from hylo.outputs import CompletionOutput, Logprob, RequestOutput
+from hylo.sampling import SampleInput, Sampled, SamplingParams, sample
+
+log = logging.getLogger("hylo")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_CACHE_BYTES = 1 << 30  # default state budget on CPU, where no device memory tells us a size
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not available yet; use 1")
+        if self.enable_lora:
+            raise ValueError("enable_lora=True: LoRA serving is not available yet; leave enable_lora off")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype='{self.dtype}' is not one of auto, {', '.join(DTYPES)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device='{name}' but no CUDA device is visible; use device='cpu' or 'auto'")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, model: ModelConfig) -> torch.dtype:
+    """'auto': float32 on CPU (bf16 matmuls are slow there); on GPU the checkpoint's 16-bit type, else bfloat16."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if model.dtype == "float16" else torch.bfloat16
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        log.warning("'%s' has no tokenizer: prompts must be token ids, outputs carry no text", path)
+        return None
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def eos_token_ids(path: Path, model: ModelConfig, tokenizer) -> list[int]:
+    gen = path / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    if eos is None:
+        eos = getattr(model.text, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        config.validate()
+        self.config = config
+        self.model_config = read_model_config(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
+        text = self.model_config.text
+        self.max_model_len = config.max_model_len or text.max_position_embeddings
+        self.tokenizer = load_tokenizer(self.model_config.path)
+        self.eos_ids = eos_token_ids(self.model_config.path, self.model_config, self.tokenizer)
+        torch.manual_seed(config.seed)
+
+        tp = TPGroup()
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = Qwen3_5ForCausalLM(self.model_config, tp, select_ops(self.device))
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, self.model_config, tp, progress)
+
+        shapes = self.model.cache_shapes()
+        plan = CachePlan.fit(shapes, self._cache_budget(), config.block_size, self.max_model_len, config.max_num_seqs, self.dtype)
+        self.scheduler = Scheduler(
+            BlockAllocator(plan.num_blocks), SlotPool(plan.num_slots), config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = Runner(self.model, plan.allocate(shapes, config.block_size, self.dtype, self.device), config.block_size, self.device)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+
+    def _cache_budget(self) -> int:
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes
+        if self.device.type != "cuda":
+            return CPU_CACHE_BYTES
+        free, total = torch.cuda.mem_get_info(self.device)
+        text = self.model_config.text
+        # Room for one step's activations and logits, which are not measured by a profiling run here.
+        widest = max(text.hidden_size * 4, getattr(text, "intermediate_size", 0) * 2, text.num_attention_heads * text.head_dim * 2)
+        activations = 6 * self.config.max_num_batched_tokens * widest * 4 + 3 * self.config.max_num_seqs * text.vocab_size * 4
+        return int(self.config.gpu_memory_utilization * total - (total - free) - activations)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id '{request_id}' is already in use")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        vocab = self.model_config.text.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {[t for t in ids if not 0 <= t < vocab][:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}; shorten it")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model folder has none; use stop_token_ids")
+        request = Request(request_id, text, ids, params, [] if params.ignore_eos else self.eos_ids)
+        for child in range(params.n):
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
+            seq = Sequence(next(self._seq_ids), request, child, detok, logprobs=[] if params.logprobs is not None else None)
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+
+    def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" not in prompt:
+                raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', not {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer; pass {'prompt_token_ids': [...]} instead of text")
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        for seq in request.sequences if request else []:
+            if seq.status is not Status.FINISHED:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over the scheduled tokens; outputs for requests that advanced or finished."""
+        step = self.scheduler.schedule()
+        if not step:
+            return []
+        logits = self.runner.execute(step)
+        sampling = [item for item in step if item.samples]
+        for item in step:
+            item.seq.num_computed += item.num_tokens
+        touched: dict[str, Request] = {}
+        if sampling:
+            inputs = [self._sample_input(item) for item in sampling]
+            sampled = sample(logits, inputs)
+            for row, item in enumerate(sampling):
+                self._append(item.seq, row, sampled)
+                touched[item.seq.request.request_id] = item.seq.request
+        return [self._output(r) for r in touched.values()]
+
+    def _sample_input(self, item: Scheduled) -> SampleInput:
+        seq = item.seq
+        banned = seq.request.eos_ids + seq.params.stop_token_ids if len(seq.output_ids) < seq.params.min_tokens else []
+        return SampleInput(seq.params, seq.request.prompt_ids, seq.output_ids, seq.child, banned)
+
+    def _append(self, seq: Sequence, row: int, sampled: Sampled) -> None:
+        token = sampled.token_ids[row]
+        seq.output_ids.append(token)
+        params = seq.params
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._logprobs(row, sampled, params.logprobs))
+            seq.cumulative_logprob += float(sampled.logprobs[row])
+        if token in params.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        if token in seq.request.eos_ids:
+            return self._finish(seq, "stop", None)
+        if seq.detokenizer is not None:
+            before = len(seq.text)
+            seq.text += seq.detokenizer.add(token)
+            if params.stop and self._check_stop_strings(seq, before):
+                return
+        if len(seq.output_ids) >= (params.max_tokens or self.max_model_len) or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _check_stop_strings(self, seq: Sequence, before: int) -> bool:
+        longest = max(len(s) for s in seq.params.stop)
+        start = max(0, before - longest + 1)
+        hits = [(seq.text.find(s, start), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        seq.text = seq.text[:index]  # the stop string itself is not part of the output
+        self._finish(seq, "stop", stop)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _logprobs(self, row: int, sampled: Sampled, k: int) -> dict[int, Logprob]:
+        token = sampled.token_ids[row]
+        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer else (lambda t: None)
+        out = {token: Logprob(float(sampled.logprobs[row]), int(sampled.ranks[row]), decode(token))}
+        for rank in range(k):
+            t = int(sampled.top_ids[row, rank])
+            out.setdefault(t, Logprob(float(sampled.top_logprobs[row, rank]), rank + 1, decode(t)))
+        return out
+
+    def _output(self, request: Request) -> RequestOutput:
+        finished = request.finished
+        if finished:
+            self.requests.pop(request.request_id, None)
+        completions = [
+            CompletionOutput(
+                index=s.child,
+                text=s.text,
+                token_ids=list(s.output_ids),
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in request.sequences
+        ]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished)

@@ -1,0 +1,60 @@
+"""One generated sequence (a request with n > 1 has n of them) and the request that owns it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hylo.engine.detokenizer import IncrementalDetokenizer
+from hylo.outputs import Logprob
+from hylo.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: list[int]
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.sequences)
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    child: int
+    detokenizer: IncrementalDetokenizer
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose KV / GDN state is in the caches
+    block_ids: list[int] = field(default_factory=list)
+    state_slot: int | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        prompt = self.request.prompt_ids
+        return (prompt[start:stop] if start < len(prompt) else []) + self.output_ids[max(0, start - len(prompt)) : max(0, stop - len(prompt))]

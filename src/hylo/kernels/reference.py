@@ -1,0 +1,136 @@
+"""Pure-torch kernels: the CPU path, and the oracle every fast kernel is tested against.
+
+Each takes a flat token batch (`Batch`) and the state it reads and updates in place, the same
+interface the GPU kernels implement.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hylo.batch import Batch
+
+
+def paged_attention(
+    q: torch.Tensor,  # [tokens, q_heads, head_dim]
+    k: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    v: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
+    batch: Batch,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's keys/values into the paged cache, then causal attention over each sequence's cache."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, batch.slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, batch.slot_mapping, v.to(kv_cache.dtype))
+    group = q.shape[1] // kv_heads
+    out = torch.empty_like(q)
+    starts = batch.cu_seqlens.tolist()
+    for i, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        total = ctx_len + q_len
+        pos = torch.arange(total, device=q.device)
+        slots = batch.block_tables[i, pos // block_size] * block_size + pos % block_size
+        keys = flat[0, slots].to(q.dtype).repeat_interleave(group, dim=1)  # [total, q_heads, head_dim]
+        values = flat[1, slots].to(q.dtype).repeat_interleave(group, dim=1)
+        qi = q[starts[i] : starts[i] + q_len]
+        scores = torch.einsum("qhd,khd->hqk", qi.float(), keys.float()) * scale
+        causal = pos[None, :] > (ctx_len + torch.arange(q_len, device=q.device))[:, None]
+        scores = scores.masked_fill(causal[None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        out[starts[i] : starts[i] + q_len] = torch.einsum("hqk,khd->qhd", probs, values)
+    return out
+
+
+def causal_conv1d(
+    x: torch.Tensor,  # [tokens, channels]
+    weight: torch.Tensor,  # [channels, kernel]
+    conv_states: torch.Tensor,  # [slots, channels, kernel - 1], updated in place
+    batch: Batch,
+) -> torch.Tensor:
+    """Depthwise causal conv + SiLU per sequence, continuing from (and updating) each slot's last inputs."""
+    kernel = weight.shape[1]
+    out = torch.empty_like(x)
+    starts = batch.cu_seqlens.tolist()
+    for i, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        slot = int(batch.state_slots[i])
+        xi = x[starts[i] : starts[i] + q_len].t()  # [channels, q_len]
+        prev = conv_states[slot] if ctx_len > 0 else torch.zeros_like(conv_states[slot])
+        window = torch.cat([prev.to(xi.dtype), xi], dim=1)  # [channels, kernel - 1 + q_len]
+        conv_states[slot] = window[:, -(kernel - 1) :].to(conv_states.dtype)
+        yi = F.conv1d(window[None].to(weight.dtype), weight[:, None, :], groups=weight.shape[0])[0]
+        out[starts[i] : starts[i] + q_len] = F.silu(yi).t().to(x.dtype)
+    return out
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,  # [tokens, k_heads, k_dim]
+    k: torch.Tensor,  # [tokens, k_heads, k_dim]
+    v: torch.Tensor,  # [tokens, v_heads, v_dim]
+    g: torch.Tensor,  # [tokens, v_heads], log of the state decay (<= 0)
+    beta: torch.Tensor,  # [tokens, v_heads]
+    states: torch.Tensor,  # [slots, v_heads, k_dim, v_dim] float32, updated in place
+    batch: Batch,
+) -> torch.Tensor:
+    """The gated delta rule per sequence from its slot's state (zero for a new sequence); q, k are L2-normed here."""
+    group = v.shape[1] // q.shape[1]
+    # Each key head serves `group` consecutive value heads.
+    qf = l2norm(q.float()).repeat_interleave(group, dim=1) * q.shape[-1] ** -0.5
+    kf = l2norm(k.float()).repeat_interleave(group, dim=1)
+    vf, gf, bf = v.float(), g.float(), beta.float()
+    out = torch.empty_like(vf)
+    if batch.is_decode:
+        slots = batch.state_slots
+        out, states[slots] = _recurrent_step(qf, kf, vf, gf, bf, states[slots])
+        return out.to(v.dtype)
+    starts = batch.cu_seqlens.tolist()
+    for i, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        slot = int(batch.state_slots[i])
+        s = slice(starts[i], starts[i] + q_len)
+        state = states[slot] if ctx_len > 0 else torch.zeros_like(states[slot])
+        out[s], states[slot] = _chunked(qf[s], kf[s], vf[s], gf[s], bf[s], state)
+    return out.to(v.dtype)
+
+
+def _recurrent_step(q, k, v, g, beta, state):
+    """One token for each of n sequences. q,k: [n, H, dk]; v: [n, H, dv]; g, beta: [n, H]; state [n, H, dk, dv]."""
+    state = state * g.exp()[..., None, None]
+    predicted = torch.einsum("nhk,nhkv->nhv", k, state)
+    delta = (v - predicted) * beta[..., None]
+    state = state + k[..., :, None] * delta[..., None, :]
+    return torch.einsum("nhk,nhkv->nhv", q, state), state
+
+
+def _chunked(q, k, v, g, beta, state, chunk: int = 64):
+    """One sequence, in chunks: within a chunk the delta-rule updates are solved as one triangular system.
+
+    q, k: [L, H, dk]; v: [L, H, dv]; g, beta: [L, H]; state: [H, dk, dv]. Returns out [L, H, dv], state.
+    """
+    length = q.shape[0]
+    out = torch.empty_like(v)
+    for start in range(0, length, chunk):
+        s = slice(start, min(start + chunk, length))
+        qc, kc, vc = q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1)  # [H, C, d]
+        bc = beta[s].t()  # [H, C]
+        cum = g[s].t().cumsum(dim=-1)  # [H, C]: log decay from chunk start to each position
+        n = qc.shape[1]
+        decay = (cum[:, :, None] - cum[:, None, :]).tril().exp().tril()  # [H, C, C]: exp(cum_i - cum_j), j <= i
+        strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
+        # (I + strictly-lower(diag(beta)·K·Kᵀ ⊙ decay))⁻¹ turns the sequential updates into one solve.
+        system = ((bc[..., None] * kc) @ kc.transpose(-1, -2) * decay).masked_fill(~strict, 0)
+        eye = torch.eye(n, device=q.device, dtype=q.dtype).expand_as(system)
+        values = torch.linalg.solve_triangular(eye + system, bc[..., None] * vc, upper=False, unitriangular=True)
+        keys_read = torch.linalg.solve_triangular(
+            eye + system, (bc * cum.exp())[..., None] * kc, upper=False, unitriangular=True
+        )
+        new_values = values - keys_read @ state  # [H, C, dv]: what the old state does not already predict
+        attn = (qc @ kc.transpose(-1, -2)) * decay
+        out[s] = ((qc * cum.exp()[..., None]) @ state + attn @ new_values).transpose(0, 1)
+        last = cum[:, -1:]  # [H, 1]
+        state = state * last.exp()[..., None] + (kc * (last - cum).exp()[..., None]).transpose(-1, -2) @ new_values
+    return out, state

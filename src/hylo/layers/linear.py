@@ -1,0 +1,86 @@
+"""Column- and row-parallel linear layers whose rows are declared as parts.
+
+A column layer fuses several projections into one GEMM (GDN's qkv/z/b/a, MLP's gate/up); each
+projection is declared once as a `Proj` and everything else (which checkpoint tensor goes where,
+which rows a rank keeps) is derived from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hylo.distributed import TPGroup
+from hylo.layers.parts import Block, Part, check_parts, local_total
+
+
+@dataclass(frozen=True)
+class Proj:
+    """A projection as checkpoints and PEFT name it, with the blocks its output (or input) rows form."""
+
+    name: str
+    blocks: tuple[Block, ...]
+
+    @staticmethod
+    def plain(name: str, size: int, unit: int = 1) -> Proj:
+        return Proj(name, (Block(name, size, unit),))
+
+
+class ColumnLinear(nn.Module):
+    """y = x·Wᵀ where W stacks this rank's rows of every projection; forward returns one tensor per projection."""
+
+    def __init__(self, in_features: int, projs: list[Proj], tp: TPGroup, owner: str = ""):
+        super().__init__()
+        self.projs = projs
+        self.tp = tp
+        self.in_features = in_features
+        self.local_sizes = [local_total(p.blocks, tp.size) for p in projs]
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features), requires_grad=False)
+        check_parts(self.parts(), tp.size, owner)
+
+    def parts(self) -> list[Part]:
+        out, offset = [], 0
+        for proj, n in zip(self.projs, self.local_sizes):
+            out.append(Part(f"{proj.name}.weight", self.weight, proj.blocks, 0, offset, module=proj.name))
+            offset += n
+        return out
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight).split(self.local_sizes, dim=-1))
+
+
+class RowLinear(nn.Module):
+    """y = Σ_ranks x_local·W_localᵀ: the input is split by `proj.blocks`, partial sums are all-reduced."""
+
+    def __init__(self, proj: Proj, out_features: int, tp: TPGroup, owner: str = ""):
+        super().__init__()
+        self.proj = proj
+        self.tp = tp
+        self.weight = nn.Parameter(
+            torch.empty(out_features, local_total(proj.blocks, tp.size)), requires_grad=False
+        )
+        check_parts(self.parts(), tp.size, owner)
+
+    def parts(self) -> list[Part]:
+        return [Part(f"{self.proj.name}.weight", self.weight, self.proj.blocks, 1, module=self.proj.name)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight))
+
+
+class ReplicatedLinear(nn.Module):
+    """A small linear kept whole on every rank (MoE router, shared-expert gate)."""
+
+    def __init__(self, name: str, in_features: int, out_features: int):
+        super().__init__()
+        self.name = name
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def parts(self) -> list[Part]:
+        return [Part(f"{self.name}.weight", self.weight, module=self.name)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)

@@ -1,0 +1,143 @@
+"""SamplingParams (vLLM's names and meanings) and the batched sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, child, step) over the generator's seed space
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: all tokens
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        checks = [
+            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= -1, "must be -1, 0 (disabled) or a positive integer"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 disables it)"),
+            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "must be an integer >= 1"),
+            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens), "must be >= 0 and <= max_tokens"),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "must be None or an integer >= 0"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "must be token ids >= 0"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} {why}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class SampleInput:
+    """What the sampler needs of one sequence besides its logits."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    child: int  # index among the request's n sequences
+    banned: list[int] = field(default_factory=list)  # stop tokens masked until min_tokens are out
+
+
+@dataclass
+class Sampled:
+    token_ids: list[int]
+    logprobs: torch.Tensor | None  # [seqs] logprob of each sampled token (raw model distribution)
+    top_ids: torch.Tensor | None  # [seqs, max_k]
+    top_logprobs: torch.Tensor | None  # [seqs, max_k]
+    ranks: torch.Tensor | None  # [seqs] rank of each sampled token (1 = most likely)
+
+
+def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> Sampled:
+    """logits: [seqs, vocab] float32 → one token per row. Logprobs are those of the raw model output, as vLLM reports."""
+    raw_logprobs = logits.log_softmax(dim=-1) if any(i.params.logprobs is not None for i in inputs) else None
+    logits = _apply_penalties(logits.clone(), inputs)
+    for row, inp in enumerate(inputs):
+        if inp.banned:
+            logits[row, inp.banned] = float("-inf")
+    tokens = logits.argmax(dim=-1)
+    stochastic = [r for r, i in enumerate(inputs) if not i.params.greedy]
+    if stochastic:
+        rows = torch.tensor(stochastic, device=logits.device)
+        probs = _filtered_probs(logits[rows], [inputs[r].params for r in stochastic])
+        for j, r in enumerate(stochastic):
+            tokens[r] = torch.multinomial(probs[j], 1, generator=_generator(inputs[r], logits.device))[0]
+    token_list = tokens.tolist()
+    if raw_logprobs is None:
+        return Sampled(token_list, None, None, None, None)
+    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
+    k = max(i.params.logprobs or 0 for i in inputs)
+    top = raw_logprobs.topk(k, dim=-1) if k else None
+    return Sampled(token_list, chosen, top.indices if top else None, top.values if top else None, ranks)
+
+
+def _apply_penalties(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:
+    for row, inp in enumerate(inputs):
+        p = inp.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(inp.prompt_ids) | set(inp.output_ids)), dtype=torch.long, device=logits.device)
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and inp.output_ids:
+            ids = torch.tensor(inp.output_ids, dtype=torch.long, device=logits.device)
+            counts = torch.zeros(logits.shape[1], device=logits.device).scatter_add_(0, ids, torch.ones(len(ids), device=logits.device))
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, each per row."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    probs = (logits / temps[:, None]).softmax(dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    positions = torch.arange(probs.shape[1], device=logits.device)
+    for row, p in enumerate(params):
+        if p.top_k > 0:
+            keep[row] &= positions < p.top_k
+        if p.top_p < 1.0:
+            # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+            before = sorted_probs[row].cumsum(0) - sorted_probs[row]
+            keep[row] &= before < p.top_p
+        if p.min_p > 0:
+            keep[row] &= sorted_probs[row] >= p.min_p * sorted_probs[row, 0]
+    sorted_probs = sorted_probs * keep
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+
+
+def _generator(inp: SampleInput, device: torch.device) -> torch.Generator | None:
+    """A per-token generator for seeded requests, so a token depends only on (seed, child, position)."""
+    if inp.params.seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed((inp.params.seed * _MIX + (inp.child + 1) * 0xBF58476D1CE4E5B9 + len(inp.output_ids)) % 2**63)
+    return g
