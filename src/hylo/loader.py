@@ -85,7 +85,7 @@ def load_weights(model: nn.Module, config: ModelConfig, tp: TPGroup, progress: b
                     _, part = claims[name]
                     tensor = f.get_tensor(key)
                     with torch.no_grad():
-                        written[_storage(part.target)] += part.load(tensor, tp.rank, tp.size, "")
+                        written[_storage(part.target)] += part.load(tensor, tp.rank, tp.size, key)
                     loaded.add(name)
         except (SafetensorError, OSError) as e:
             raise ModelError(f"'{file}' is not a readable safetensors file ({e}); re-download or re-save it") from None

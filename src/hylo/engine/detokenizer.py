@@ -18,10 +18,17 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append a token; return the text it completes (possibly empty)."""
         self.ids.append(token_id)
+        return self._new_text(final=False)
+
+    def flush(self) -> str:
+        """At the end of a sequence: whatever is held back, incomplete characters included."""
+        return self._new_text(final=True)
+
+    def _new_text(self, final: bool) -> str:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip)  # noqa: E731
         prefix_text = decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = decode(self.ids[self.prefix_offset :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return new_text[len(prefix_text) :]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hylo.config import ModelConfig, ModelError, read_model_config
+from hylo.config import ModelConfig, read_model_config
 from hylo.distributed import TPGroup
 from hylo.engine.cache import BlockAllocator, CachePlan, SlotPool
 from hylo.engine.detokenizer import IncrementalDetokenizer
@@ -251,6 +251,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq.detokenizer is not None and not isinstance(stop_reason, str):
+            seq.text += seq.detokenizer.flush()
         self.scheduler.finish(seq)
 
     def _logprobs(self, row: int, sampled: Sampled, k: int) -> dict[int, Logprob]:

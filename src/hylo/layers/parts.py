@@ -106,11 +106,11 @@ class Part:
             shape[self.dim] = self.size
         return shape
 
-    def load(self, tensor: torch.Tensor, rank: int, tp: int, owner: str) -> int:
-        """Copy this rank's rows of the full checkpoint `tensor` into the target; returns elements written."""
+    def load(self, tensor: torch.Tensor, rank: int, tp: int, name: str) -> int:
+        """Copy this rank's rows of the full tensor `name` into the target; returns elements written."""
         if list(tensor.shape) != self.full_shape():
             raise ValueError(
-                f"{owner}{self.key}: the checkpoint has shape {list(tensor.shape)}, the model expects "
+                f"{name}: the checkpoint has shape {list(tensor.shape)}, the model expects "
                 f"{self.full_shape()} (is this checkpoint for another model size?)"
             )
         if not self.blocks:

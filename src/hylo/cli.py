@@ -1,0 +1,77 @@
+"""Command line: `hylo generate` (more subcommands arrive with LoRA, the server and the benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from hylo.config import ModelError
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from hylo import LLM, SamplingParams
+
+    model = args.model
+    prompts = args.prompt
+    if model is None:
+        from hylo.demo import BASE_DIR, DEMO_PROMPTS
+
+        model, prompts = str(BASE_DIR), prompts or DEMO_PROMPTS
+        print(f"model: the embedded demo checkpoint ({BASE_DIR.name}); pass --model PATH for your own")
+    if not prompts:
+        print("error: give at least one --prompt", file=sys.stderr)
+        return 2
+    llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    params = SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
+        max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
+    )
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    generated = 0
+    for out in outputs:
+        for completion in out.outputs:
+            generated += len(completion.token_ids)
+            print(f"{out.prompt!r} → {completion.text!r}  [{completion.finish_reason}]")
+    print(f"{generated} tokens in {elapsed:.2f} s ({generated / elapsed:.1f} tokens/s, {llm.llm_engine.device}, {llm.llm_engine.dtype})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hylo", description="Qwen3.5 inference with many LoRA adapters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for prompts (no --model: the embedded demo)")
+    gen.add_argument("--model", help="checkpoint folder (default: the embedded demo model)")
+    gen.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--stop", action="append")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--max-model-len", type=int)
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ModelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

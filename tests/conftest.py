@@ -1,0 +1,141 @@
+"""Tiny random Qwen3.5 checkpoints made with `transformers`, saved once per session, and their HF references."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+from hylo import LLM
+
+# Head counts divisible by 4 so the same checkpoints serve tensor-parallel tests at 1, 2 and 4 ranks.
+TEXT = dict(
+    vocab_size=320,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=4,
+    linear_num_value_heads=8,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    initializer_range=0.08,
+    eos_token_id=0,
+    max_position_embeddings=512,
+)
+DENSE = dict(intermediate_size=64)
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+
+KINDS = ["dense", "moe", "dense-vl", "moe-vl"]
+
+
+def build_hf_model(kind: str, tie: bool = False):
+    import transformers as tf
+
+    torch.manual_seed(1234)
+    moe = kind.startswith("moe")
+    text_cls = tf.Qwen3_5MoeTextConfig if moe else tf.Qwen3_5TextConfig
+    text = text_cls(**TEXT, **(MOE if moe else DENSE), tie_word_embeddings=tie)
+    if kind.endswith("-vl"):
+        cfg_cls = tf.Qwen3_5MoeConfig if moe else tf.Qwen3_5Config
+        config = cfg_cls(text_config=text.to_dict(), vision_config=VISION, tie_word_embeddings=tie)
+        model_cls = tf.Qwen3_5MoeForConditionalGeneration if moe else tf.Qwen3_5ForConditionalGeneration
+    else:
+        config = text
+        model_cls = tf.Qwen3_5MoeForCausalLM if moe else tf.Qwen3_5ForCausalLM
+    model = model_cls(config).eval()
+    with torch.no_grad():  # move norms and GDN gates off their neutral init so a wrong wiring shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "dt_bias" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer():
+    """A byte-level BPE with exactly TEXT['vocab_size'] entries, so any text (multi-byte too) encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=TEXT["vocab_size"], special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = ["the quick brown fox jumps over the lazy dog", "héllo wörld ✓ 日本語 données", "count: 1 2 3 4 5 6 7 8 9 10"] * 50
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """kind → folder of a saved tiny checkpoint (built on first use)."""
+    made: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in made:
+            folder = tmp_path_factory.mktemp(kind)
+            build_hf_model(kind.removesuffix("-tied"), tie=kind.endswith("-tied")).save_pretrained(folder)
+            build_tokenizer().save_pretrained(folder)
+            made[kind] = str(folder)
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_models(checkpoints):
+    """kind → the HF model loaded back from the saved folder (the independent reference)."""
+    import transformers as tf
+
+    loaded = {}
+
+    def get(kind: str):
+        if kind not in loaded:
+            cls = tf.AutoModelForImageTextToText if kind.endswith("-vl") else tf.AutoModelForCausalLM
+            loaded[kind] = cls.from_pretrained(checkpoints(kind), dtype=torch.float32).eval()
+        return loaded[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engines(checkpoints):
+    """(kind, options) → a shared LLM; tests that change engine state build their own."""
+    built = {}
+
+    def get(kind: str, **options) -> LLM:
+        key = (kind, tuple(sorted(options.items())))
+        if key not in built:
+            built[key] = LLM(checkpoints(kind), device="cpu", progress=False, **options)
+        return built[key]
+
+    return get
+
+
+def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """HF's greedy continuation and its raw logits per generated token ([steps, vocab])."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).float()
+
+
+def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 320) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
