@@ -8,6 +8,7 @@ from collections.abc import Sequence as Seq
 from tqdm import tqdm
 
 from hylo.engine.engine import EngineConfig, LLMEngine
+from hylo.lora.request import LoRARequest
 from hylo.outputs import RequestOutput
 from hylo.sampling import SamplingParams
 
@@ -62,19 +63,26 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of `prompts`."""
+        """Run every prompt to completion; outputs come back in the order of `prompts`.
+
+        `lora_request`: one adapter for all prompts, or one (or None for the base model) per prompt.
+        """
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = sampling_params or SamplingParams()
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts; give one, or one per prompt")
+        loras = [lora_request] * len(prompts) if lora_request is None or isinstance(lora_request, LoRARequest) else list(lora_request)
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(loras)} lora_requests for {len(prompts)} prompts; give one, or one per prompt")
         engine = self.llm_engine
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras):
                 ids.append(f"offline-{next(self._ids)}")
-                engine.add_request(ids[-1], prompt, p)
+                engine.add_request(ids[-1], prompt, p, lora)
         except Exception:
             for request_id in ids:
                 engine.abort_request(request_id)
@@ -89,6 +97,19 @@ class LLM:
         bar.close()
         return [finished[i] for i in ids]
 
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load and validate an adapter ahead of use; raises AdapterError (naming module and reason) if refused."""
+        self.llm_engine.add_lora(lora_request)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        lora = self.llm_engine.lora
+        return lora is not None and lora.remove(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        lora = self.llm_engine.lora
+        return {r.lora_int_id for r in lora.list()} if lora else set()
+
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
@@ -96,6 +117,7 @@ class LLM:
         use_tqdm: bool = False,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> list[RequestOutput]:
         """Apply the checkpoint's chat template to one conversation (or a list of them) and generate."""
         tokenizer = self.llm_engine.tokenizer
@@ -106,4 +128,4 @@ class LLM:
             tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)

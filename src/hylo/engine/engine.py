@@ -19,6 +19,8 @@ from hylo.engine.scheduler import Scheduled, Scheduler
 from hylo.engine.sequence import Request, Sequence, Status
 from hylo.kernels import select_ops
 from hylo.loader import load_weights
+from hylo.lora.request import LoRARequest
+from hylo.lora.slots import LoRASlots
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
 from hylo.outputs import CompletionOutput, Logprob, RequestOutput
 from hylo.sampling import SampleInput, Sampled, SamplingParams, sample
@@ -50,8 +52,8 @@ class EngineConfig:
     def validate(self) -> None:
         if self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not available yet; use 1")
-        if self.enable_lora:
-            raise ValueError("enable_lora=True: LoRA serving is not available yet; leave enable_lora off")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be >= max_loras={self.max_loras}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -123,12 +125,18 @@ class LLMEngine:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, self.model_config, tp, progress)
 
+        self.lora = None
+        if config.enable_lora:
+            max_cpu = config.max_cpu_loras or config.max_loras
+            self.lora = LoRASlots(self.model, self.model_config, config.max_loras, config.max_lora_rank, max_cpu, tp)
         shapes = self.model.cache_shapes()
         plan = CachePlan.fit(shapes, self._cache_budget(), config.block_size, self.max_model_len, config.max_num_seqs, self.dtype)
         self.scheduler = Scheduler(
-            BlockAllocator(plan.num_blocks), SlotPool(plan.num_slots), config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+            BlockAllocator(plan.num_blocks), SlotPool(plan.num_slots), config.block_size, config.max_num_seqs,
+            config.max_num_batched_tokens, self.lora,
         )
-        self.runner = Runner(self.model, plan.allocate(shapes, config.block_size, self.dtype, self.device), config.block_size, self.device)
+        caches = plan.allocate(shapes, config.block_size, self.dtype, self.device)
+        self.runner = Runner(self.model, caches, config.block_size, self.device, self.lora.batch if self.lora else None)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
 
@@ -146,9 +154,17 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams) -> None:
+    def add_lora(self, request: LoRARequest) -> None:
+        """Read and validate an adapter now (AdapterError if refused); requests may then use it."""
+        if self.lora is None:
+            raise ValueError(f"adapter '{request.lora_name}': the engine was started without enable_lora=True")
+        self.lora.register(request)
+
+    def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams, lora_request: LoRARequest | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id '{request_id}' is already in use")
+        if lora_request is not None:
+            self.add_lora(lora_request)
         text, ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty; give at least one token")
@@ -163,6 +179,9 @@ class LLMEngine:
         for child in range(params.n):
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
             seq = Sequence(next(self._seq_ids), request, child, detok, logprobs=[] if params.logprobs is not None else None)
+            if lora_request is not None:
+                seq.lora_id = lora_request.lora_int_id
+                self.lora.reference(seq.lora_id, +1)
             request.sequences.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
@@ -187,8 +206,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         for seq in request.sequences if request else []:
             if seq.status is not Status.FINISHED:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._finish(seq, "abort", None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -251,9 +269,11 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        if seq.detokenizer is not None and not isinstance(stop_reason, str):
+        if seq.detokenizer is not None and reason != "abort" and not isinstance(stop_reason, str):
             seq.text += seq.detokenizer.flush()
         self.scheduler.finish(seq)
+        if seq.lora_id is not None:
+            self.lora.reference(seq.lora_id, -1)
 
     def _logprobs(self, row: int, sampled: Sampled, k: int) -> dict[int, Logprob]:
         token = sampled.token_ids[row]

@@ -6,13 +6,15 @@ import torch
 
 from hylo.batch import Batch
 from hylo.engine.scheduler import Scheduled
+from hylo.layers.lora import LoRABatch
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
 from hylo.state import CacheTensors
 
 
 class Runner:
-    def __init__(self, model: Qwen3_5ForCausalLM, caches: CacheTensors, block_size: int, device: torch.device):
+    def __init__(self, model: Qwen3_5ForCausalLM, caches: CacheTensors, block_size: int, device: torch.device, lora: LoRABatch | None = None):
         self.model = model
+        self.lora = lora
         self.caches = caches
         self.block_size = block_size
         self.device = device
@@ -49,5 +51,16 @@ class Runner:
     def execute(self, step: list[Scheduled]) -> torch.Tensor:
         """Run one step; logits [sampled sequences, vocab] float32, in the order of `step`'s sampling items."""
         batch = self.build_batch(step)
+        if self.lora is not None:
+            self._set_lora(step)
         hidden = self.model(batch, self.caches)
         return self.model.compute_logits(hidden)
+
+    def _set_lora(self, step: list[Scheduled]) -> None:
+        """Which slot each token uses; tokens without an adapter are in no group and get no LoRA work."""
+        slots = [item.seq.lora_slot if item.seq.lora_slot is not None else -1 for item in step]
+        token_slots = torch.tensor(slots, device=self.device).repeat_interleave(
+            torch.tensor([item.num_tokens for item in step], device=self.device)
+        )
+        self.lora.token_slots = token_slots
+        self.lora.groups = [(s, torch.where(token_slots == s)[0]) for s in sorted(set(slots) - {-1})]

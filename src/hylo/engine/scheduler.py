@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from hylo.engine.cache import BlockAllocator, OutOfBlocks, SlotPool
 from hylo.engine.sequence import Sequence, Status
+from hylo.lora.slots import LoRASlots
 
 
 @dataclass
@@ -26,9 +27,13 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockAllocator, slots: SlotPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self, blocks: BlockAllocator, slots: SlotPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+        lora: LoRASlots | None = None,
+    ):
         self.blocks = blocks
         self.slots = slots
+        self.lora = lora
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -60,17 +65,25 @@ class Scheduler:
                 out.append(Scheduled(seq, n))
                 budget -= n
                 i += 1
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs and self.slots.num_free:
-            seq = self.waiting[0]
+        admitted = []
+        for seq in self.waiting:
+            if preempted or budget <= 0 or len(self.running) >= self.max_num_seqs or not self.slots.num_free:
+                break
+            if seq.lora_id is not None and not self.lora.can_run(seq.lora_id):
+                continue  # every adapter slot is busy with others; later requests for loaded adapters may still run
             n = min(seq.num_tokens, budget)
             if not self._reserve(seq, n):
                 break
-            self.waiting.popleft()
+            admitted.append(seq)
             seq.state_slot = self.slots.acquire()
+            if seq.lora_id is not None:
+                seq.lora_slot = self.lora.acquire(seq.lora_id)
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.append(Scheduled(seq, n))
             budget -= n
+        for seq in admitted:
+            self.waiting.remove(seq)
         return out
 
     def finish(self, seq: Sequence) -> None:
@@ -106,3 +119,6 @@ class Scheduler:
         if seq.state_slot is not None:
             self.slots.release(seq.state_slot)
             seq.state_slot = None
+        if seq.lora_slot is not None:
+            self.lora.release(seq.lora_slot)
+            seq.lora_slot = None

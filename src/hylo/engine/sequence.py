@@ -42,6 +42,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV / GDN state is in the caches
     block_ids: list[int] = field(default_factory=list)
     state_slot: int | None = None
+    lora_id: int | None = None  # the adapter this sequence runs with (None: base model)
+    lora_slot: int | None = None  # its device slot while running
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] | None = None

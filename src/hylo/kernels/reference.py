@@ -134,3 +134,20 @@ def _chunked(q, k, v, g, beta, state, chunk: int = 64):
         last = cum[:, -1:]  # [H, 1]
         state = state * last.exp()[..., None] + (kc * (last - cum).exp()[..., None]).transpose(-1, -2) @ new_values
     return out, state
+
+
+def lora_delta(
+    x: torch.Tensor,  # [tokens, in]
+    y: torch.Tensor,  # [tokens, out], updated in place
+    a: torch.Tensor,  # [slots, parts, rank, in]
+    b: torch.Tensor,  # [slots, out, rank], scaling folded in
+    rows: list[tuple[int, int]],  # output rows each part writes
+    groups: list[tuple[int, torch.Tensor]],  # (slot, token indices)
+) -> None:
+    """Shrink x·Aᵀ for all parts at once, then expand each part's rank slice into its own output rows."""
+    rank = a.shape[2]
+    for slot, tokens in groups:
+        xs = x[tokens]
+        shrink = xs @ a[slot].reshape(-1, a.shape[-1]).t()  # [n, parts * rank]
+        for j, (start, stop) in enumerate(rows):
+            y[tokens, start:stop] += shrink[:, j * rank : (j + 1) * rank] @ b[slot, start:stop].t()

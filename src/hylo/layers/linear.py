@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hylo.distributed import TPGroup
+from hylo.layers.lora import LoRALinear
 from hylo.layers.parts import Block, Part, check_parts, local_total
 
 
@@ -29,7 +30,7 @@ class Proj:
         return Proj(name, (Block(name, size, unit),))
 
 
-class ColumnLinear(nn.Module):
+class ColumnLinear(LoRALinear, nn.Module):
     """y = x·Wᵀ where W stacks this rank's rows of every projection; forward returns one tensor per projection."""
 
     def __init__(self, in_features: int, projs: list[Proj], tp: TPGroup, owner: str = ""):
@@ -44,15 +45,15 @@ class ColumnLinear(nn.Module):
     def parts(self) -> list[Part]:
         out, offset = [], 0
         for proj, n in zip(self.projs, self.local_sizes):
-            out.append(Part(f"{proj.name}.weight", self.weight, proj.blocks, 0, offset, module=proj.name))
+            out.append(Part(f"{proj.name}.weight", self.weight, proj.blocks, 0, offset, module=proj.name, lora="module"))
             offset += n
         return out
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(F.linear(x, self.weight).split(self.local_sizes, dim=-1))
+        return list(self.add_lora(x, F.linear(x, self.weight)).split(self.local_sizes, dim=-1))
 
 
-class RowLinear(nn.Module):
+class RowLinear(LoRALinear, nn.Module):
     """y = Σ_ranks x_local·W_localᵀ: the input is split by `proj.blocks`, partial sums are all-reduced."""
 
     def __init__(self, proj: Proj, out_features: int, tp: TPGroup, owner: str = ""):
@@ -65,22 +66,24 @@ class RowLinear(nn.Module):
         check_parts(self.parts(), tp.size, owner)
 
     def parts(self) -> list[Part]:
-        return [Part(f"{self.proj.name}.weight", self.weight, self.proj.blocks, 1, module=self.proj.name)]
+        return [Part(f"{self.proj.name}.weight", self.weight, self.proj.blocks, 1, module=self.proj.name, lora="module")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        # The LoRA delta of a row-parallel layer is a partial sum too: it joins the same all-reduce.
+        return self.tp.all_reduce(self.add_lora(x, F.linear(x, self.weight)))
 
 
-class ReplicatedLinear(nn.Module):
-    """A small linear kept whole on every rank (MoE router, shared-expert gate)."""
+class ReplicatedLinear(LoRALinear, nn.Module):
+    """A small linear kept whole on every rank (MoE router, shared-expert gate); `lora` if adapters may target it."""
 
-    def __init__(self, name: str, in_features: int, out_features: int):
+    def __init__(self, name: str, in_features: int, out_features: int, lora: bool):
         super().__init__()
         self.name = name
+        self.lora = lora
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
     def parts(self) -> list[Part]:
-        return [Part(f"{self.name}.weight", self.weight, module=self.name)]
+        return [Part(f"{self.name}.weight", self.weight, module=self.name, lora="module" if self.lora else None)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self.add_lora(x, F.linear(x, self.weight))

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hylo.distributed import TPGroup
+from hylo.kernels.reference import lora_delta
 from hylo.layers.linear import ReplicatedLinear
+from hylo.layers.lora import LoRABatch
 from hylo.layers.mlp import MLP
 from hylo.layers.parts import Block, Part, check_parts
 
@@ -32,28 +34,67 @@ class Experts(nn.Module):
         check_parts(self.parts(), tp.size, owner)
 
     def parts(self) -> list[Part]:
+        fused = "parameter"  # PEFT's target_parameters; its tensors are rewritten per expert when read
         out = [
-            Part("experts.gate_up_proj", self.w13, (self.gate, self.up), 1, module="experts.gate_up_proj"),
-            Part("experts.down_proj", self.w2, (self.down,), 2, module="experts.down_proj"),
+            Part("experts.gate_up_proj", self.w13, (self.gate, self.up), 1, module="experts.gate_up_proj", lora=fused),
+            Part("experts.down_proj", self.w2, (self.down,), 2, module="experts.down_proj", lora=fused),
         ]
         for e in range(self.num_experts):
             w13, w2 = self.w13[e], self.w2[e]
             out += [
-                Part(f"experts.{e}.gate_proj.weight", w13, (self.gate,), 0, 0, module=f"experts.{e}.gate_proj"),
-                Part(f"experts.{e}.up_proj.weight", w13, (self.up,), 0, self.local, module=f"experts.{e}.up_proj"),
-                Part(f"experts.{e}.down_proj.weight", w2, (self.down,), 1, module=f"experts.{e}.down_proj"),
+                Part(f"experts.{e}.gate_proj.weight", w13, (self.gate,), 0, 0, module=f"experts.{e}.gate_proj", lora="expert"),
+                Part(f"experts.{e}.up_proj.weight", w13, (self.up,), 0, self.local, module=f"experts.{e}.up_proj", lora="expert"),
+                Part(f"experts.{e}.down_proj.weight", w2, (self.down,), 1, module=f"experts.{e}.down_proj", lora="expert"),
             ]
         return out
+
+    def lora_parts(self) -> list[Part]:
+        return [p for p in self.parts() if p.lora == "expert"]
+
+    def enable_lora(self, max_loras: int, max_rank: int, batch: LoRABatch, tp_size: int) -> None:
+        """Per slot and expert: A for gate and up [2, rank, hidden] and B over w13's rows; A and B of down_proj."""
+        e, hidden, local = self.num_experts, self.w13.shape[2], self.local
+        zeros = lambda *shape: torch.zeros(max_loras, e, *shape, dtype=self.w13.dtype, device=self.w13.device)  # noqa: E731
+        self.lora_batch = batch
+        self.lora_a13, self.lora_b13 = zeros(2, max_rank, hidden), zeros(2 * local, max_rank)
+        self.lora_a2, self.lora_b2 = zeros(1, max_rank, local), zeros(hidden, max_rank)
+
+    def lora_views(self, slot: int, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        expert, name = part.module.split(".")[1:]
+        e = int(expert)
+        if name == "down_proj":
+            return self.lora_a2[slot, e, 0], self.lora_b2[slot, e]
+        return self.lora_a13[slot, e, 0 if name == "gate_proj" else 1], self.lora_b13[slot, e]
+
+    def clear_lora(self, slot: int) -> None:
+        for t in (self.lora_a13, self.lora_b13, self.lora_a2, self.lora_b2):
+            t[slot].zero_()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum."""
         out = torch.zeros_like(x)
+        lora = getattr(self, "lora_batch", None)
+        lora_slots = lora.token_slots if lora is not None and lora.groups else None
         for e in experts.unique().tolist():
-            token, slot = torch.where(experts == e)
-            gate, up = F.linear(x[token], self.w13[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[e]) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
+            token, k = torch.where(experts == e)
+            xs = x[token]
+            gate_up = F.linear(xs, self.w13[e])
+            groups = _groups(lora_slots[token]) if lora_slots is not None else []
+            if groups:
+                rows = [(0, self.local), (self.local, 2 * self.local)]
+                lora_delta(xs, gate_up, self.lora_a13[:, e], self.lora_b13[:, e], rows, groups)
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+            y = F.linear(h, self.w2[e])
+            if groups:
+                lora_delta(h, y, self.lora_a2[:, e], self.lora_b2[:, e], [(0, y.shape[1])], groups)
+            out.index_add_(0, token, (y * weights[token, k, None]).to(out.dtype))
         return out
+
+
+def _groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(slot, positions) for each adapter slot among these tokens."""
+    return [(s, torch.where(slots == s)[0]) for s in slots.unique().tolist() if s >= 0]
 
 
 class SparseMoE(nn.Module):
@@ -61,10 +102,11 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.tp = tp
         self.top_k = cfg.num_experts_per_tok
-        self.gate = ReplicatedLinear("gate", cfg.hidden_size, cfg.num_experts)
+        # PEFT cannot wrap the router (not an nn.Linear in the reference), so it takes no LoRA here either.
+        self.gate = ReplicatedLinear("gate", cfg.hidden_size, cfg.num_experts, lora=False)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, tp, owner)
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, tp, owner)
-        self.shared_expert_gate = ReplicatedLinear("shared_expert_gate", cfg.hidden_size, 1)
+        self.shared_expert_gate = ReplicatedLinear("shared_expert_gate", cfg.hidden_size, 1, lora=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)

@@ -71,8 +71,11 @@ def heads(name: str, num_heads: int, head_dim: int, replicable: bool = False) ->
 class Part:
     """One checkpoint tensor (or a PEFT target) inside a layer's parameter.
 
-    `key` is its name relative to the owning module, as checkpoints spell it ("in_proj_z.weight",
-    "A_log", "3.gate_proj.weight"); `module` is the PEFT target name when it is a linear's weight.
+    `key` is its name relative to the owning module's parent, as checkpoints spell it
+    ("in_proj_z.weight", "A_log", "experts.3.gate_proj.weight"). `module` is the name adapters use for
+    it, and `lora` how PEFT reaches it: "module" (a linear in `target_modules`), "parameter" (a 3D
+    expert tensor in `target_parameters`), "expert" (one expert's linear, a form some trainers write
+    but PEFT on today's fused experts never does), or None when hylo applies no LoRA to it.
     Its rows (along `dim`) are `blocks`; an empty `blocks` means the tensor is replicated on every rank.
     On this rank, the kept rows land in `target` along the same `dim`,
     starting at `offset` (a fused parameter holds several parts one after another).
@@ -84,6 +87,7 @@ class Part:
     dim: int = 0
     offset: int = 0
     module: str | None = None
+    lora: str | None = None
 
     @property
     def size(self) -> int:

@@ -1,0 +1,88 @@
+"""LoRA slots inside the layers: each layer keeps `max_loras` adapters on the device, laid out like its base weight.
+
+B mirrors the base weight's output rows (so a column-parallel part's B rows are split exactly like
+its base rows, block by block); A mirrors its input columns (so a row-parallel part's A is split
+along the input, and the partial products join the base output's all-reduce). Both are derived from
+the layer's declared parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hylo.layers.parts import Part
+
+
+@dataclass
+class LoRABatch:
+    """Which adapter slot each token of the current step uses; one object shared by every LoRA layer."""
+
+    token_slots: torch.Tensor | None = None  # [tokens], -1 = no adapter
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, its token indices)
+
+
+def write_lora_part(
+    part: Part, a_view: torch.Tensor, b_view: torch.Tensor, a_full: torch.Tensor, b_full: torch.Tensor, rank: int, tp: int
+) -> None:
+    """Place this rank's share of one part's full A [r, in] and B [out, r] into a slot.
+
+    a_view: [max_rank, in_local] for this part; b_view: [rows of part.target, max_rank]. A column-
+    parallel part (split on dim 0) keeps A whole and its own rows of B; a row-parallel part (dim 1)
+    keeps its own columns of A and B whole; a replicated part keeps both whole.
+    """
+    r = a_full.shape[0]
+    if not part.blocks:
+        a_view[:r] = a_full
+        b_view[:, :r] = b_full
+        return
+    for _, full, local in part.pieces(rank, tp):
+        if part.dim == 0:
+            b_view[local, :r] = b_full[full]
+        else:
+            a_view[:r, local] = a_full[:, full]
+    if part.dim == 0:
+        a_view[:r] = a_full
+    else:
+        b_view[:, :r] = b_full
+
+
+class LoRALinear:
+    """LoRA for a 2D linear (column, row or replicated): y += (x·Aᵀ)·Bᵀ per token group, B pre-scaled."""
+
+    weight: torch.Tensor
+    lora_a: torch.Tensor | None = None  # [max_loras, parts, max_rank, in_local]
+    lora_b: torch.Tensor | None = None  # [max_loras, out_local, max_rank]
+
+    def lora_parts(self) -> list[Part]:
+        """Parts an adapter's tensors are written into (in slot order)."""
+        return [p for p in self.parts() if p.lora]
+
+    def enable_lora(self, max_loras: int, max_rank: int, batch: LoRABatch, tp_size: int) -> None:
+        parts = self.lora_parts()
+        out_local, in_local = self.weight.shape
+        self.lora_batch = batch
+        self.lora_a = torch.zeros(max_loras, len(parts), max_rank, in_local, dtype=self.weight.dtype, device=self.weight.device)
+        self.lora_b = torch.zeros(max_loras, out_local, max_rank, dtype=self.weight.dtype, device=self.weight.device)
+        self.lora_rows = [
+            (p.offset, p.offset + sum(b.local_size(tp_size) for b in p.blocks)) if p.dim == 0 and p.blocks else (0, out_local)
+            for p in parts
+        ]
+
+    def lora_views(self, slot: int, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        index = [p.key for p in self.lora_parts()].index(part.key)
+        return self.lora_a[slot, index], self.lora_b[slot]
+
+    def clear_lora(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y: the base output [tokens, out_local] (before any all-reduce); adds each token's adapter delta."""
+        if self.lora_a is None or not self.lora_batch.groups:
+            return y
+        from hylo.kernels.reference import lora_delta
+
+        lora_delta(x, y, self.lora_a, self.lora_b, self.lora_rows, self.lora_batch.groups)
+        return y

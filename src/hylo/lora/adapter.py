@@ -1,0 +1,329 @@
+"""Reading a PEFT LoRA folder into full (unsharded) A/B per declared part, or refusing it with a report.
+
+Every tensor in the file must land in exactly one declared part whose forward applies it, and every
+module the config targets must have its tensors; anything else is refused, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from hylo.config import ModelConfig
+from hylo.layers.parts import Part
+from hylo.lora.peft_config import AdapterError, PeftConfig, read_peft_config
+from hylo.lora.request import LoRARequest
+
+PEFT_PREFIX = "base_model.model."
+# Why a module that PEFT can wrap in the reference model takes no adapter here.
+NOT_APPLIED = {
+    "conv1d": "hylo does not apply LoRA to the GDN conv1d; retrain without 'conv1d' in target_modules",
+    "embed_tokens": "hylo does not apply LoRA to embeddings; retrain without 'embed_tokens'",
+    "lm_head": "hylo does not apply LoRA to lm_head; retrain without 'lm_head'",
+    "gate": "hylo does not apply LoRA to the MoE router 'gate'; retrain without it",
+}
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """A declared part that takes LoRA: the layer that owns it and the part itself."""
+
+    name: str  # model-side name of the target, e.g. model.layers.0.linear_attn.in_proj_z
+    layer_path: str  # e.g. model.layers.0.linear_attn.in_proj (the fused layer)
+    layer: nn.Module
+    part: Part
+
+
+def lora_targets(model: nn.Module) -> dict[str, LoRATarget]:
+    """Every LoRA target the model declares, by name (derived from the parts, like the loader's names)."""
+    out = {}
+    for path, module in model.named_modules():
+        if not hasattr(module, "parts"):
+            continue
+        parent = path.rpartition(".")[0]
+        for part in module.parts():
+            if part.lora:
+                name = f"{parent}.{part.module}"
+                out[name] = LoRATarget(name, path, module, part)
+    return out
+
+
+def untargetable(model: nn.Module) -> dict[str, str]:
+    """Module names the model has that take no LoRA → why (for refusals that name the reason)."""
+    out = {}
+    for path, module in model.named_modules():
+        if not hasattr(module, "parts"):
+            continue
+        parent = path.rpartition(".")[0]
+        for part in module.parts():
+            if part.lora is None:
+                name = f"{parent}.{part.key}".removesuffix(".weight")
+                leaf = name.rpartition(".")[2]
+                out[name] = NOT_APPLIED.get(leaf, f"hylo does not apply LoRA to '{leaf}'; retrain without it")
+    return out
+
+
+@dataclass
+class TensorReport:
+    """One adapter tensor: where it lands, or why it is refused (the check-adapter report's rows)."""
+
+    key: str
+    shape: list[int]
+    target: LoRATarget | None = None
+    error: str | None = None
+
+
+@dataclass
+class Adapter:
+    request: LoRARequest
+    rank: int
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # target name → (A [r, in], scaling·B [out, r])
+    report: list[TensorReport] = field(default_factory=list)
+
+    def size_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+
+def read_adapter(
+    request: LoRARequest, model: nn.Module, model_config: ModelConfig, max_rank: int, strict: bool = True
+) -> Adapter:
+    """Read and validate `request`'s folder against the model's declarations; raise AdapterError on any refusal.
+
+    With strict=False the report is returned with its errors instead (for check-adapter).
+    """
+    folder = Path(request.lora_path)
+    if not folder.is_dir():
+        raise AdapterError(f"adapter '{request.lora_name}': folder '{folder}' does not exist")
+    config = read_peft_config(folder)
+    tensors = _read_tensors(folder, request.lora_name)
+    targets = lora_targets(model)
+    reader = _Reader(request, config, model_config, targets, untargetable(model), max_rank)
+    adapter = reader.read(tensors)
+    errors = [r for r in adapter.report if r.error] + reader.config_errors
+    if errors and strict:
+        lines = [f"  {r.key}: {r.error}" for r in errors[:12]] + ([f"  ... {len(errors) - 12} more"] if len(errors) > 12 else [])
+        raise AdapterError(f"adapter '{request.lora_name}' ({folder}) is refused:\n" + "\n".join(lines))
+    adapter.report += reader.config_errors
+    return adapter
+
+
+def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    st, pt = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    try:
+        if st.is_file():
+            return load_file(str(st))
+        if pt.is_file():
+            return torch.load(str(pt), map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+        raise AdapterError(f"adapter '{name}': weights file in '{folder}' is unreadable or corrupt ({e})") from None
+    raise AdapterError(f"adapter '{name}': '{folder}' has no adapter_model.safetensors or adapter_model.bin")
+
+
+class _Reader:
+    def __init__(self, request, config: PeftConfig, model_config: ModelConfig, targets, untargetable, max_rank: int):
+        self.request = request
+        self.config = config
+        self.model_config = model_config
+        self.targets = targets
+        self.untargetable = untargetable
+        self.max_rank = max_rank
+        self.config_errors: list[TensorReport] = []
+
+    def peft_name(self, model_name: str) -> str:
+        """The module's name in the reference model, which PEFT's patterns are matched against."""
+        return self.model_config.checkpoint_prefix + model_name[len("model.") :] if model_name.startswith("model.") else model_name
+
+    def model_name(self, peft_name: str) -> str | None:
+        prefix = self.model_config.checkpoint_prefix
+        if peft_name.startswith(prefix):
+            return "model." + peft_name[len(prefix) :]
+        if peft_name.startswith("lm_head"):
+            return peft_name
+        return None
+
+    def read(self, tensors: dict[str, torch.Tensor]) -> Adapter:
+        report: list[TensorReport] = []
+        pairs: dict[str, dict[str, str]] = {}
+        for key, t in tensors.items():
+            row = TensorReport(key, list(t.shape))
+            report.append(row)
+            match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key)
+            if not key.startswith(PEFT_PREFIX) or match is None:
+                row.error = "not a LoRA A/B tensor under base_model.model. (the names PEFT writes)"
+                continue
+            module = match.group(1)[len(PEFT_PREFIX) :].replace(".base_layer", "")
+            pairs.setdefault(module, {})[match.group(2)] = key
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rows = {r.key: r for r in report}
+        seen_targets: set[str] = set()
+        for module, ab in pairs.items():
+            if set(ab) != {"lora_A", "lora_B"}:
+                for key in ab.values():
+                    rows[key].error = f"'{module}' has only {', '.join(ab)}; LoRA needs both lora_A and lora_B"
+                continue
+            if module.endswith(".experts") and self.config.target_parameters:
+                continue  # PEFT's wrapped 3D parameters: read below, one A/B pair per parameter
+            error = self._place(module, tensors[ab["lora_A"]], tensors[ab["lora_B"]], weights, rows, ab, seen_targets)
+            if error:
+                for key in ab.values():
+                    rows[key].error = error
+        self._read_nested_expert_params(tensors, rows, weights, seen_targets)
+        self._check_coverage(seen_targets)
+        rank = max((a.shape[0] for a, _ in weights.values()), default=0)
+        return Adapter(self.request, rank, weights, report)
+
+    # -- one module's A/B -------------------------------------------------------------------------
+
+    def _place(self, module, a, b, weights, rows, ab, seen) -> str | None:
+        model_name = self.model_name(module)
+        if module.startswith("model.visual."):
+            return "targets the vision tower, which hylo does not serve yet; retrain on the language model only"
+        if model_name is None:
+            return f"'{module}' is not a module of this {self.model_config.architecture}"
+        leaf = model_name.rpartition(".")[2]
+        if model_name in self.untargetable:
+            return self.untargetable[model_name]
+        if leaf in ("in_proj_qkvz", "in_proj_ba"):
+            return self._split_fused(model_name, module, a, b, weights, rows, ab, seen)
+        target = self.targets.get(model_name)
+        if target is None or target.part.lora == "parameter":
+            return f"'{module}' is not a module of this {self.model_config.architecture} (an adapter for another model?)"
+        if not self.config.targets_module(module):
+            return f"'{module}' has tensors but the adapter's target_modules does not cover it, so PEFT would not load them"
+        for key in ab.values():
+            rows[key].target = target
+        return self._add(module, target, a, b, weights, seen)
+
+    def _add(self, peft_key: str, target: LoRATarget, a, b, weights, seen) -> str | None:
+        out_features, in_features = _full_2d_shape(target.part)
+        r = a.shape[0]
+        if list(a.shape) != [r, in_features] or list(b.shape) != [out_features, r]:
+            return (
+                f"shapes A {list(a.shape)}, B {list(b.shape)} do not fit {target.name} "
+                f"(expects A [r, {in_features}], B [{out_features}, r]): an adapter for another model?"
+            )
+        if r > self.max_rank:
+            return f"rank {r} is above max_lora_rank={self.max_rank}; start the engine with max_lora_rank >= {r}"
+        r_config, scaling = self.config.rank_and_scaling(peft_key)
+        if r_config != r:
+            return f"adapter_config.json gives rank {r_config} for this module but its tensors have rank {r}"
+        weights[target.name] = (a, b.float().mul(scaling).to(b.dtype))
+        seen.add(target.name)
+        return None
+
+    # -- fused-name adapters (Qwen3-Next style exports) --------------------------------------------
+
+    def _split_fused(self, model_name, module, a, b, weights, rows, ab, seen) -> str | None:
+        """in_proj_qkvz → in_proj_qkv + in_proj_z, in_proj_ba → in_proj_b + in_proj_a, when the row order is certain.
+
+        Exporters order these rows either flat ([q|k|v|z]) or grouped per key head (Qwen3-Next's
+        layout); the two coincide only with a single key head, so only then is the split unambiguous.
+        """
+        text = self.model_config.text
+        parent, _, leaf = model_name.rpartition(".")
+        names = ["in_proj_qkv", "in_proj_z"] if leaf == "in_proj_qkvz" else ["in_proj_b", "in_proj_a"]
+        if text.linear_num_key_heads != 1:
+            return (
+                f"'{leaf}' rows may be ordered flat or grouped per key head; with {text.linear_num_key_heads} key heads "
+                f"the two differ and the adapter does not say which; re-export with split {' and '.join(names)}"
+            )
+        start = 0
+        for name in names:
+            target = self.targets[f"{parent}.{name}"]
+            size = target.part.size
+            for key in ab.values():
+                rows[key].target = target
+            error = self._add(module, target, a, b[start : start + size], weights, seen)
+            if error:
+                return error
+            start += size
+        return None if start == b.shape[0] else f"'{leaf}' has {b.shape[0]} rows, the split parts {start}"
+
+    # -- PEFT target_parameters on fused 3D experts ------------------------------------------------
+
+    def _read_nested_expert_params(self, tensors, rows, weights, seen) -> None:
+        """PEFT's ParamWrapper saves one A/B pair per wrapped 3D parameter, nested by `.base_layer`:
+        A is [r·E, in] (expert-major), B is [out, r·E] (rank-major). The pair is matched to the
+        parameter whose shape it fits, then rewritten as per-expert A/B for the per-expert parts."""
+        if not self.config.target_parameters:
+            return
+        groups: dict[str, dict[str, str]] = {}
+        for key in tensors:
+            m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+\.experts)((?:\.base_layer)*)\.(lora_A|lora_B)\.weight", key)
+            if m:
+                groups.setdefault(m.group(1) + m.group(2), {})[m.group(3)] = key
+        for wrapped, ab in groups.items():
+            module = wrapped.replace(".base_layer", "")
+            error = self._place_expert_param(module, tensors, ab, rows, weights, seen)
+            if error:
+                for key in ab.values():
+                    rows[key].error = error
+
+    def _place_expert_param(self, module, tensors, ab, rows, weights, seen) -> str | None:
+        if set(ab) != {"lora_A", "lora_B"}:
+            return f"'{module}' has only {', '.join(ab)}; LoRA needs both lora_A and lora_B"
+        model_name = self.model_name(module)
+        a, b = tensors[ab["lora_A"]], tensors[ab["lora_B"]]
+        candidates = [t for n, t in self.targets.items() if t.part.lora == "parameter" and n.rpartition(".")[0] == model_name]
+        fits = [t for t in candidates if a.shape[1] == t.part.full_shape()[-1] and b.shape[0] == t.part.full_shape()[-2]]
+        if len(fits) != 1:
+            return f"'{module}' A {list(a.shape)} / B {list(b.shape)} fit no single expert tensor of this model"
+        target = fits[0]
+        for key in ab.values():
+            rows[key].target = target
+        param_key = f"{module}.{target.part.module.rpartition('.')[2]}"
+        if not self.config.targets_parameter(param_key):
+            return f"'{param_key}' has tensors but target_parameters does not name it"
+        experts = target.part.full_shape()[0]
+        if a.shape[0] % experts:
+            return f"'{param_key}': A has {a.shape[0]} rows, not a multiple of {experts} experts"
+        r = a.shape[0] // experts
+        a_e = a.reshape(experts, r, a.shape[1])  # [E, r, in]
+        b_e = b.reshape(b.shape[0], r, experts).permute(2, 0, 1)  # [E, out, r]
+        parent = target.name.rpartition(".")[0]  # ...mlp.experts → per-expert parts ...mlp.experts.N.<block>
+        for e in range(experts):
+            start = 0
+            for block in target.part.blocks:
+                expert_target = self.targets[f"{parent}.{e}.{block.name}"]
+                error = self._add(param_key, expert_target, a_e[e], b_e[e, start : start + block.size], weights, seen)
+                if error:
+                    return error
+                start += block.size
+        seen.add(target.name)
+        return None
+
+    # -- everything the config targets must be present -------------------------------------------
+
+    def _check_coverage(self, seen: set[str]) -> None:
+        for name, target in self.targets.items():
+            peft_key = self.peft_name(name)
+            if target.part.lora == "module" and self.config.targets_module(peft_key) and name not in seen:
+                self._config_error(peft_key, "adapter_config.json targets this module but the file has no tensors for it")
+            if target.part.lora == "parameter" and self.config.targets_parameter(peft_key) and name not in seen:
+                self._config_error(peft_key, "target_parameters names it but the file has no tensors for it")
+        if isinstance(self.config.target_modules, list):
+            names = [self.peft_name(n) for n in list(self.targets) + list(self.untargetable)]
+            for t in self.config.target_modules:
+                hits = [n for n in names if n == t or n.endswith("." + t)]
+                refused = [n for n in hits if self.model_name(n) in self.untargetable]
+                if refused:
+                    self._config_error(t, self.untargetable[self.model_name(refused[0])])
+                elif t.rpartition(".")[2] in NOT_APPLIED:
+                    self._config_error(t, NOT_APPLIED[t.rpartition(".")[2]])
+                elif not hits and t not in ("in_proj_qkvz", "in_proj_ba"):
+                    self._config_error(t, "target_modules names a module this model does not have (the vision tower is not served yet)")
+
+    def _config_error(self, key: str, why: str) -> None:
+        self.config_errors.append(TensorReport(key, [], error=why))
+
+
+def _full_2d_shape(part: Part) -> tuple[int, int]:
+    """[out, in] of the unsharded weight a 2D part stands for."""
+    shape = part.full_shape()
+    return shape[0], shape[1]
