@@ -127,15 +127,58 @@ def engines(checkpoints):
 
 
 def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    """HF's greedy continuation and its raw logits per generated token ([steps, vocab])."""
+    """HF's greedy continuation (full forward each step, EOS not special) and its raw logits ([steps, vocab])."""
+    ids, logits = list(prompt), []
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-        )
-    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).float()
+        for _ in range(steps):
+            last = model(torch.tensor([ids])).logits[0, -1].float()
+            logits.append(last)
+            ids.append(int(last.argmax()))
+    return ids[len(prompt) :], torch.stack(logits)
 
 
 def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 320) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+DENSE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "gate_proj", "up_proj", "down_proj"]
+MOE_TARGETS = DENSE_TARGETS + ["shared_expert_gate"]
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, checkpoints):
+    """Make a PEFT adapter on a tiny checkpoint: folder of `get_peft_model(...).save_pretrained`, non-zero lora_B."""
+
+    def make(kind: str, seed: int = 0, **lora) -> str:
+        from peft import LoraConfig, get_peft_model
+
+        lora.setdefault("r", 4)
+        lora.setdefault("lora_alpha", 8)
+        if kind.startswith("moe") and "target_modules" not in lora and "target_parameters" not in lora:
+            lora.update(target_modules=MOE_TARGETS, target_parameters=EXPERT_PARAMETERS)
+        lora.setdefault("target_modules", DENSE_TARGETS)
+        torch.manual_seed(seed)
+        model = get_peft_model(build_hf_model(kind.removesuffix("-tied")), LoraConfig(init_lora_weights=False, **lora))
+        with torch.no_grad():  # PEFT's random init is tiny next to the base: scale B so every adapter shows
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(3.0)
+        folder = tmp_path_factory.mktemp(f"adapter-{kind}")
+        model.save_pretrained(folder)
+        return str(folder)
+
+    return make
+
+
+def hf_peft_greedy(kind: str, checkpoint: str, adapter: str | None, prompt: list[int], steps: int):
+    """HF+PEFT's greedy continuation (the reference), base model when adapter is None."""
+    import transformers as tf
+    from peft import PeftModel
+
+    cls = tf.AutoModelForImageTextToText if kind.endswith("-vl") else tf.AutoModelForCausalLM
+    model = cls.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return hf_greedy(model, prompt, steps)

@@ -122,8 +122,8 @@ def test_prompt_errors(engines):
 
 
 def test_features_not_yet_available_are_refused(checkpoints):
-    with pytest.raises(ValueError, match="enable_lora"):
-        LLM(checkpoints("dense"), device="cpu", enable_lora=True)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        LLM(checkpoints("dense"), device="cpu", tensor_parallel_size=2)
 
 
 def test_a_folder_without_tokenizer_takes_token_ids_only(checkpoints, tmp_path):

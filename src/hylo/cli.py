@@ -40,6 +40,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_adapter(args: argparse.Namespace) -> int:
+    from hylo.lora.check import check_adapter
+
+    ok, lines = check_adapter(args.model, args.adapter, args.tp, args.max_lora_rank)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo", description="Qwen3.5 inference with many LoRA adapters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--max-model-len", type=int)
     gen.set_defaults(run=_generate)
+    check = sub.add_parser("check-adapter", help="show where every adapter tensor lands (per TP rank), or why it is refused")
+    check.add_argument("model", help="base checkpoint folder")
+    check.add_argument("adapter", help="PEFT adapter folder")
+    check.add_argument("--tp", type=int, default=1, help="tensor_parallel_size to check the split for")
+    check.add_argument("--max-lora-rank", type=int, default=64)
+    check.set_defaults(run=_check_adapter)
     return parser
 
 

@@ -38,11 +38,11 @@ def write_lora_part(
         b_view[:, :r] = b_full
         return
     for _, full, local in part.pieces(rank, tp):
-        if part.dim == 0:
+        if part.splits_output:
             b_view[local, :r] = b_full[full]
         else:
             a_view[:r, local] = a_full[:, full]
-    if part.dim == 0:
+    if part.splits_output:
         a_view[:r] = a_full
     else:
         b_view[:, :r] = b_full
@@ -66,7 +66,7 @@ class LoRALinear:
         self.lora_a = torch.zeros(max_loras, len(parts), max_rank, in_local, dtype=self.weight.dtype, device=self.weight.device)
         self.lora_b = torch.zeros(max_loras, out_local, max_rank, dtype=self.weight.dtype, device=self.weight.device)
         self.lora_rows = [
-            (p.offset, p.offset + sum(b.local_size(tp_size) for b in p.blocks)) if p.dim == 0 and p.blocks else (0, out_local)
+            (p.offset, p.offset + sum(b.local_size(tp_size) for b in p.blocks)) if p.splits_output else (0, out_local)
             for p in parts
         ]
 

@@ -93,6 +93,11 @@ class Part:
     def size(self) -> int:
         return sum(b.size for b in self.blocks)
 
+    @property
+    def splits_output(self) -> bool:
+        """Split along the weight's output rows (column-parallel) rather than its input (row-parallel)."""
+        return bool(self.blocks) and self.dim == self.target.dim() - 2
+
     def pieces(self, rank: int, tp: int) -> list[tuple[Block, slice, slice]]:
         """For each block: (block, rows in the full tensor, rows in the local target)."""
         out, start, local = [], 0, self.offset
