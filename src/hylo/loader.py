@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from hylo.config import ModelConfig, ModelError
 from hylo.distributed import TPGroup
-from hylo.layers.parts import Part
+from hylo.layers.parts import Part, declared
 
 log = logging.getLogger("hylo")
 
@@ -32,15 +32,10 @@ SKIPPED_PREFIXES = {
 def declared_parts(model: nn.Module) -> dict[str, tuple[str, Part]]:
     """Every checkpoint name the model claims → (owning module path, part). A name claimed twice is a bug."""
     claims: dict[str, tuple[str, Part]] = {}
-    for path, module in model.named_modules():
-        if not hasattr(module, "parts"):
-            continue
-        parent = path.rpartition(".")[0]
-        for part in module.parts():
-            name = f"{parent}.{part.key}" if parent else part.key
-            if name in claims:
-                raise AssertionError(f"'{name}' is declared by both {claims[name][0]} and {path}")
-            claims[name] = (path, part)
+    for name, path, _, part in declared(model):
+        if name in claims:
+            raise AssertionError(f"'{name}' is declared by both {claims[name][0]} and {path}")
+        claims[name] = (path, part)
     return claims
 
 

@@ -141,3 +141,16 @@ def check_parts(parts: list[Part], tp: int, owner: str) -> None:
 
 def local_total(blocks: tuple[Block, ...] | list[Block], tp: int) -> int:
     return sum(b.local_size(tp) for b in blocks)
+
+
+def declared(model) -> list[tuple[str, str, object, Part]]:
+    """(full name of the part's key, owning module path, the module, part) for every part the model declares.
+
+    A part's key is relative to its owning module's parent, whose path mirrors the checkpoint's.
+    """
+    out = []
+    for path, module in model.named_modules():
+        if hasattr(module, "parts"):
+            parent = path.rpartition(".")[0]
+            out += [(f"{parent}.{part.key}" if parent else part.key, path, module, part) for part in module.parts()]
+    return out

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hylo.config import ModelConfig
-from hylo.layers.parts import Part
+from hylo.layers.parts import Part, declared
 from hylo.lora.peft_config import AdapterError, PeftConfig, read_peft_config
 from hylo.lora.request import LoRARequest
 
@@ -43,29 +43,21 @@ class LoRATarget:
 def lora_targets(model: nn.Module) -> dict[str, LoRATarget]:
     """Every LoRA target the model declares, by name (derived from the parts, like the loader's names)."""
     out = {}
-    for path, module in model.named_modules():
-        if not hasattr(module, "parts"):
-            continue
-        parent = path.rpartition(".")[0]
-        for part in module.parts():
-            if part.lora:
-                name = f"{parent}.{part.module}"
-                out[name] = LoRATarget(name, path, module, part)
+    for key, path, module, part in declared(model):
+        if part.lora:
+            name = key[: len(key) - len(part.key)] + part.module
+            out[name] = LoRATarget(name, path, module, part)
     return out
 
 
 def untargetable(model: nn.Module) -> dict[str, str]:
     """Module names the model has that take no LoRA → why (for refusals that name the reason)."""
     out = {}
-    for path, module in model.named_modules():
-        if not hasattr(module, "parts"):
-            continue
-        parent = path.rpartition(".")[0]
-        for part in module.parts():
-            if part.lora is None:
-                name = f"{parent}.{part.key}".removesuffix(".weight")
-                leaf = name.rpartition(".")[2]
-                out[name] = NOT_APPLIED.get(leaf, f"hylo does not apply LoRA to '{leaf}'; retrain without it")
+    for key, _, _, part in declared(model):
+        if part.lora is None:
+            name = key.removesuffix(".weight")
+            leaf = name.rpartition(".")[2]
+            out[name] = NOT_APPLIED.get(leaf, f"hylo does not apply LoRA to '{leaf}'; retrain without it")
     return out
 
 
@@ -105,10 +97,12 @@ def read_adapter(
     targets = lora_targets(model)
     reader = _Reader(request, config, model_config, targets, untargetable(model), max_rank)
     adapter = reader.read(tensors)
-    errors = [r for r in adapter.report if r.error] + reader.config_errors
+    errors = reader.config_errors + [r for r in adapter.report if r.error]
     if errors and strict:
-        lines = [f"  {r.key}: {r.error}" for r in errors[:12]] + ([f"  ... {len(errors) - 12} more"] if len(errors) > 12 else [])
-        raise AdapterError(f"adapter '{request.lora_name}' ({folder}) is refused:\n" + "\n".join(lines))
+        # One line per module and reason (its A and B tensors share them).
+        lines = list(dict.fromkeys(f"  {re.sub(r'[.](lora_A|lora_B)[.]weight$', '', r.key)}: {r.error}" for r in errors))
+        more = [f"  ... and {len(lines) - 12} more"] if len(lines) > 12 else []
+        raise AdapterError(f"adapter '{request.lora_name}' ({folder}) is refused:\n" + "\n".join(lines[:12] + more))
     adapter.report += reader.config_errors
     return adapter
 
@@ -198,9 +192,10 @@ class _Reader:
             return f"'{module}' has tensors but the adapter's target_modules does not cover it, so PEFT would not load them"
         for key in ab.values():
             rows[key].target = target
-        return self._add(module, target, a, b, weights, seen)
+        seen.add(target.name)  # present, even if refused below: coverage must not call it missing
+        return self._add(module, target, a, b, weights)
 
-    def _add(self, peft_key: str, target: LoRATarget, a, b, weights, seen) -> str | None:
+    def _add(self, peft_key: str, target: LoRATarget, a, b, weights) -> str | None:
         out_features, in_features = _full_2d_shape(target.part)
         r = a.shape[0]
         if list(a.shape) != [r, in_features] or list(b.shape) != [out_features, r]:
@@ -214,7 +209,6 @@ class _Reader:
         if r_config != r:
             return f"adapter_config.json gives rank {r_config} for this module but its tensors have rank {r}"
         weights[target.name] = (a, b.float().mul(scaling).to(b.dtype))
-        seen.add(target.name)
         return None
 
     # -- fused-name adapters (Qwen3-Next style exports) --------------------------------------------
@@ -239,7 +233,8 @@ class _Reader:
             size = target.part.size
             for key in ab.values():
                 rows[key].target = target
-            error = self._add(module, target, a, b[start : start + size], weights, seen)
+            seen.add(target.name)
+            error = self._add(module, target, a, b[start : start + size], weights)
             if error:
                 return error
             start += size
@@ -275,6 +270,7 @@ class _Reader:
         if len(fits) != 1:
             return f"'{module}' A {list(a.shape)} / B {list(b.shape)} fit no single expert tensor of this model"
         target = fits[0]
+        seen.add(target.name)
         for key in ab.values():
             rows[key].target = target
         param_key = f"{module}.{target.part.module.rpartition('.')[2]}"
@@ -291,11 +287,10 @@ class _Reader:
             start = 0
             for block in target.part.blocks:
                 expert_target = self.targets[f"{parent}.{e}.{block.name}"]
-                error = self._add(param_key, expert_target, a_e[e], b_e[e, start : start + block.size], weights, seen)
+                error = self._add(param_key, expert_target, a_e[e], b_e[e, start : start + block.size], weights)
                 if error:
                     return error
                 start += block.size
-        seen.add(target.name)
         return None
 
     # -- everything the config targets must be present -------------------------------------------

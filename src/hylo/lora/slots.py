@@ -72,6 +72,7 @@ class LoRASlots:
 
     def reference(self, lora_id: int, delta: int) -> None:
         self.refs[lora_id] = self.refs.get(lora_id, 0) + delta
+        self._trim()
 
     # -- slots ------------------------------------------------------------------------------------
 
@@ -122,6 +123,10 @@ class LoRASlots:
         lora_id = adapter.request.lora_int_id
         self.host[lora_id] = adapter
         self.host.move_to_end(lora_id)
-        idle = [i for i in self.host if self.refs.get(i, 0) == 0 and i != lora_id]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Keep at most max_cpu_loras in host memory, least recently used first out; referenced ones stay."""
+        idle = [i for i in self.host if self.refs.get(i, 0) == 0]
         while len(self.host) > self.max_cpu_loras and idle:
             del self.host[idle.pop(0)]

@@ -1,0 +1,139 @@
+"""Every adapter hylo cannot apply exactly is refused at load, naming the module and the reason; serving goes on."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hylo import AdapterError, LoRARequest, SamplingParams
+from tests.conftest import random_prompts
+
+_ids = iter(range(1000, 2000))
+
+
+def edited(adapter, tmp_path, config=None, tensors=None):
+    """Copy an adapter folder, then update its config and/or rewrite its tensors."""
+    folder = tmp_path / f"edited-{next(_ids)}"
+    shutil.copytree(adapter, folder)
+    if config:
+        raw = json.loads((folder / "adapter_config.json").read_text())
+        raw.update(config)
+        (folder / "adapter_config.json").write_text(json.dumps(raw))
+    if tensors:
+        weights = load_file(folder / "adapter_model.safetensors")
+        tensors(weights)
+        save_file(weights, folder / "adapter_model.safetensors")
+    return str(folder)
+
+
+def refused(llm, folder, match):
+    with pytest.raises(AdapterError, match=match):
+        llm.add_lora(LoRARequest("bad", next(_ids), folder))
+
+
+@pytest.fixture
+def llm(engines):
+    return engines("dense", enable_lora=True, max_loras=2, max_lora_rank=16)
+
+
+@pytest.fixture
+def good(adapters):
+    return adapters("dense", seed=60)
+
+
+def test_dora(llm, good, tmp_path):
+    refused(llm, edited(good, tmp_path, {"use_dora": True}), "DoRA")
+
+
+def test_modules_to_save(llm, good, tmp_path):
+    refused(llm, edited(good, tmp_path, {"modules_to_save": ["lm_head"]}), "modules_to_save")
+
+
+def test_rank_above_max(llm, adapters):
+    refused(llm, adapters("dense", seed=61, r=32), r"rank 32 is above max_lora_rank=16.*max_lora_rank >= 32")
+
+
+def test_adapter_for_another_model(llm, tmp_path, good):
+    def widen(w):
+        key = "base_model.model.model.layers.0.linear_attn.in_proj_z.lora_A.weight"
+        w[key] = torch.randn(4, 48)
+    refused(llm, edited(good, tmp_path, tensors=widen), r"in_proj_z.*shapes A \[4, 48\].*expects A \[r, 32\]")
+
+
+@pytest.mark.parametrize(
+    "targets, match",
+    [(["conv1d"], "conv1d"), (["embed_tokens"], "embeddings"), (["lm_head"], "lm_head"), (["qkv"], "does not have")],
+)
+def test_targets_hylo_does_not_apply(llm, good, tmp_path, targets, match):
+    refused(llm, edited(good, tmp_path, {"target_modules": targets + ["q_proj"]}), match)
+
+
+def test_conv1d_tensors_are_refused(llm, good, tmp_path):
+    def add_conv(w):
+        w["base_model.model.model.layers.0.linear_attn.conv1d.lora_A.weight"] = torch.randn(4, 1, 4)
+        w["base_model.model.model.layers.0.linear_attn.conv1d.lora_B.weight"] = torch.randn(128, 4, 1)
+    folder = edited(good, tmp_path, {"target_modules": ["conv1d", "in_proj_z"]}, add_conv)
+    refused(llm, folder, r"layers\.0\.linear_attn\.conv1d: hylo does not apply LoRA to the GDN conv1d")
+
+
+def test_vision_tower_tensors(engines, tmp_path, adapters):
+    llm = engines("dense-vl", enable_lora=True, max_loras=2, max_lora_rank=16)
+    def add_vision(w):
+        w["base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight"] = torch.randn(4, 16)
+        w["base_model.model.model.visual.blocks.0.attn.qkv.lora_B.weight"] = torch.randn(48, 4)
+    refused(llm, edited(adapters("dense-vl", seed=63), tmp_path, tensors=add_vision), "vision tower")
+
+
+def test_an_extra_unknown_tensor_is_named(llm, good, tmp_path):
+    def extra(w):
+        w["base_model.model.model.layers.0.linear_attn.in_proj_qkvz.lora_A.weight"] = torch.randn(4, 32)
+        w["base_model.model.model.layers.0.linear_attn.mystery.lora_B.weight"] = torch.randn(4, 4)
+    refused(llm, edited(good, tmp_path, tensors=extra), r"mystery")
+
+
+def test_a_tensor_the_config_does_not_target(llm, good, tmp_path):
+    refused(llm, edited(good, tmp_path, {"target_modules": ["q_proj", "k_proj"]}), r"target_modules does not cover it")
+
+
+def test_a_targeted_module_without_tensors(llm, good, tmp_path):
+    def drop(w):
+        for key in [k for k in w if ".layers.2.linear_attn.in_proj_b." in k]:
+            del w[key]
+    refused(llm, edited(good, tmp_path, tensors=drop), r"layers\.2\.linear_attn\.in_proj_b: adapter_config\.json targets this module")
+
+
+def test_rank_disagreeing_with_config(llm, good, tmp_path):
+    refused(llm, edited(good, tmp_path, {"r": 8}), "gives rank 8 for this module but its tensors have rank 4")
+
+
+def test_missing_and_corrupt_files(llm, good, tmp_path):
+    refused(llm, str(tmp_path / "nowhere"), "does not exist")
+    no_config = edited(good, tmp_path)
+    (tmp_path / no_config.rpartition("/")[2] / "adapter_config.json").unlink()
+    refused(llm, no_config, "no adapter_config.json")
+    corrupt = edited(good, tmp_path)
+    path = tmp_path / corrupt.rpartition("/")[2] / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    refused(llm, corrupt, "unreadable or corrupt")
+
+
+def test_fused_qkvz_names_are_refused_when_the_row_order_is_ambiguous(llm, good, tmp_path):
+    def fuse(w):
+        p = "base_model.model.model.layers.0.linear_attn."
+        w[p + "in_proj_qkvz.lora_A.weight"] = w.pop(p + "in_proj_qkv.lora_A.weight")
+        w[p + "in_proj_qkvz.lora_B.weight"] = torch.cat([w.pop(p + "in_proj_qkv.lora_B.weight"), w.pop(p + "in_proj_z.lora_B.weight")])
+        del w[p + "in_proj_z.lora_A.weight"]
+    refused(llm, edited(good, tmp_path, tensors=fuse), r"in_proj_qkvz' rows may be ordered flat or grouped per key head; with 4 key heads")
+
+
+def test_serving_goes_on_after_a_refusal(llm, good, tmp_path):
+    prompt = random_prompts([5], seed=64)[0]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    request = LoRARequest("fine", next(_ids), good)
+    before = llm.generate({"prompt_token_ids": prompt}, params, lora_request=request)[0].outputs[0].token_ids
+    with pytest.raises(AdapterError):
+        llm.generate({"prompt_token_ids": prompt}, params, lora_request=LoRARequest("bad", next(_ids), edited(good, tmp_path, {"use_dora": True})))
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate({"prompt_token_ids": prompt}, params, lora_request=request)[0].outputs[0].token_ids == before

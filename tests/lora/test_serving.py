@@ -1,0 +1,96 @@
+"""Many adapters at once: mixed batches, slot swapping, the base path untouched, and the adapter API."""
+
+import pytest
+import torch
+
+from hylo import LLM, LoRARequest, SamplingParams
+from tests.conftest import hf_peft_greedy, random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def test_mixed_batch_with_slot_swaps_equals_each_request_alone(checkpoints, adapters):
+    """Base + 3 adapters (ranks 2, 4, 8) with 2 device slots: slots must be reloaded mid-run."""
+    folders = [adapters("dense", seed=10 + i, r=r) for i, r in enumerate([2, 4, 8])]
+    requests = [None] + [LoRARequest(f"m{i}", 50 + i, f) for i, f in enumerate(folders)]
+    prompts = random_prompts([6, 14, 3, 9, 20, 5, 11, 8], seed=41)
+    loras = [requests[i % 4] for i in range(len(prompts))]
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=2, max_lora_rank=8, max_cpu_loras=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras)
+    for prompt, lora, out in zip(prompts, loras, outs):
+        ref, _ = hf_peft_greedy("dense", checkpoints("dense"), lora.lora_path if lora else None, prompt, 10)
+        assert out.outputs[0].token_ids == ref
+    slots = llm.llm_engine.lora
+    assert slots.loads >= 3, "three adapters over two slots: a slot is reloaded mid-run"
+    assert slots.slot_users == [0, 0]
+    assert len(slots.host) <= 2, "max_cpu_loras bounds the adapters kept in host memory"
+
+
+def test_lora_enabled_but_unused_equals_lora_off(checkpoints, engines):
+    prompts = random_prompts([7, 30], seed=42)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+    off = engines("moe").generate([{"prompt_token_ids": p} for p in prompts], params)
+    on = engines("moe", enable_lora=True, max_loras=2, max_lora_rank=16).generate([{"prompt_token_ids": p} for p in prompts], params)
+    for a, b in zip(off, on):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for token, lp in la.items():
+                assert lb[token].logprob == pytest.approx(lp.logprob, abs=1e-6)
+
+
+def test_a_request_never_waits_for_an_unrelated_adapter(checkpoints, adapters):
+    """One slot, busy with adapter A's long request: a base request and another A request still run."""
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=8)
+    engine = llm.llm_engine
+    a = LoRARequest("A", 1, adapters("dense", seed=20))
+    b = LoRARequest("B", 2, adapters("dense", seed=21))
+    engine.add_request("long-a", {"prompt_token_ids": [3, 4]}, SamplingParams(max_tokens=30, ignore_eos=True), a)
+    engine.step()
+    engine.add_request("b", {"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=3, ignore_eos=True), b)
+    engine.add_request("base", {"prompt_token_ids": [7]}, SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.add_request("short-a", {"prompt_token_ids": [8]}, SamplingParams(max_tokens=3, ignore_eos=True), a)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished.index("base") < finished.index("long-a")
+    assert finished.index("short-a") < finished.index("long-a")
+    assert finished.index("b") > finished.index("long-a"), "B needs the only slot, held by A until it finishes"
+
+
+def test_add_list_remove(checkpoints, adapters):
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=2, max_lora_rank=8)
+    request = LoRARequest("x", 7, adapters("dense", seed=22))
+    assert llm.add_lora(request)
+    assert llm.list_loras() == {7}
+    with_adapter = llm.generate({"prompt_token_ids": [1, 2, 3]}, GREEDY, lora_request=request)[0].outputs[0].token_ids
+    assert llm.remove_lora(7) and llm.list_loras() == set()
+    assert not llm.remove_lora(7)
+    assert all(lora is None for lora in llm.llm_engine.lora.slot_lora)
+    # A request naming the adapter brings it back from its folder.
+    again = llm.generate({"prompt_token_ids": [1, 2, 3]}, GREEDY, lora_request=request)[0].outputs[0].token_ids
+    assert again == with_adapter
+
+
+def test_same_id_for_another_folder_is_refused(checkpoints, adapters, engines):
+    llm = engines("dense", enable_lora=True, max_loras=2, max_lora_rank=16)
+    llm.add_lora(LoRARequest("one", 900, adapters("dense", seed=23)))
+    with pytest.raises(ValueError, match="lora_int_id 900 is already 'one'"):
+        llm.add_lora(LoRARequest("two", 900, adapters("dense", seed=24)))
+
+
+def test_lora_request_without_enable_lora(engines, adapters):
+    with pytest.raises(ValueError, match="without enable_lora=True"):
+        engines("dense").generate({"prompt_token_ids": [1]}, GREEDY, lora_request=LoRARequest("x", 1, adapters("dense")))
+
+
+def test_adapter_bin_format(checkpoints, engines, adapters, tmp_path):
+    from safetensors.torch import load_file
+    import shutil
+
+    folder = tmp_path / "bin"
+    shutil.copytree(adapters("dense", seed=25), folder)
+    torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
+    llm = engines("dense", enable_lora=True, max_loras=2, max_lora_rank=16)
+    out = llm.generate({"prompt_token_ids": [4, 5]}, GREEDY, lora_request=LoRARequest("bin", 901, str(folder)))[0]
+    assert out.outputs[0].token_ids == hf_peft_greedy("dense", checkpoints("dense"), str(folder), [4, 5], 10)[0]
