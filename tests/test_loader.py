@@ -121,11 +121,6 @@ def test_prompt_errors(engines):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
-def test_features_not_yet_available_are_refused(checkpoints):
-    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
-        LLM(checkpoints("dense"), device="cpu", tensor_parallel_size=2)
-
-
 def test_a_folder_without_tokenizer_takes_token_ids_only(checkpoints, tmp_path):
     folder = copy_checkpoint(checkpoints("dense"), tmp_path / "bare")
     for f in folder.glob("tokenizer*"):

@@ -34,3 +34,36 @@ class Batch:
     def is_decode(self) -> bool:
         """Every sequence adds exactly one token on top of existing state."""
         return all(q == 1 for q in self.query_lens) and all(c > 0 for c in self.context_lens)
+
+
+@dataclass
+class StepInput:
+    """One step as plain lists: built by the scheduler's side, sent to every rank, turned into a Batch there."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    state_slots: list[int]
+    block_tables: list[list[int]]
+    slot_mapping: list[int]
+    logits_indices: list[int]
+    lora_slots: list[int]  # per sequence, -1 for the base model
+
+    def to_batch(self, device: torch.device) -> Batch:
+        tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        width = max(len(t) for t in self.block_tables)
+        cu = [0]
+        for n in self.query_lens:
+            cu.append(cu[-1] + n)
+        return Batch(
+            input_ids=tensor(self.input_ids),
+            positions=tensor(self.positions),
+            query_lens=self.query_lens,
+            context_lens=self.context_lens,
+            cu_seqlens=tensor(cu),
+            state_slots=tensor(self.state_slots),
+            block_tables=tensor([t + [0] * (width - len(t)) for t in self.block_tables]),
+            slot_mapping=tensor(self.slot_mapping),
+            logits_indices=tensor(self.logits_indices),
+        )

@@ -38,6 +38,7 @@ def test_tied_embeddings_match_hf(checkpoints, engines):
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_prefill_logits_at_every_position_match_hf(kind, engines, hf_models):
     """Logits for every prompt position (not only the last), through the runner's own batch."""
+    from hylo.engine.runner import prepare_step
     from hylo.engine.scheduler import Scheduled
     from hylo.engine.sequence import Request, Sequence
 
@@ -47,10 +48,9 @@ def test_prefill_logits_at_every_position_match_hf(kind, engines, hf_models):
     seq.block_ids = engine.scheduler.blocks.allocate(3)
     seq.state_slot = engine.scheduler.slots.acquire()
     try:
-        batch = engine.runner.build_batch([Scheduled(seq, len(prompt))])
-        batch.logits_indices = torch.arange(len(prompt))
-        with torch.inference_mode():
-            logits = engine.model.compute_logits(engine.model(batch, engine.runner.caches))
+        step = prepare_step([Scheduled(seq, len(prompt))], engine.config.block_size)
+        step.logits_indices = list(range(len(prompt)))
+        logits = engine.executor.call("execute", step)[0]
     finally:
         engine.scheduler.blocks.free(seq.block_ids)
         engine.scheduler.slots.release(seq.state_slot)

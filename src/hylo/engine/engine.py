@@ -5,20 +5,22 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from dataclasses import dataclass
+import weakref
 from pathlib import Path
 
 import torch
 
 from hylo.config import ModelConfig, read_model_config
 from hylo.distributed import TPGroup
-from hylo.engine.cache import BlockAllocator, CachePlan, SlotPool
+from hylo.engine.cache import BlockAllocator, SlotPool
+from hylo.engine.config import EngineConfig, resolve_device, resolve_dtype
 from hylo.engine.detokenizer import IncrementalDetokenizer
-from hylo.engine.runner import Runner
+from hylo.engine.executor import Executor
+from hylo.engine.runner import prepare_step
 from hylo.engine.scheduler import Scheduled, Scheduler
 from hylo.engine.sequence import Request, Sequence, Status
 from hylo.kernels import select_ops
-from hylo.loader import load_weights
+from hylo.layers.parts import ShardError
 from hylo.lora.request import LoRARequest
 from hylo.lora.slots import LoRASlots
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -27,60 +29,15 @@ from hylo.sampling import SampleInput, Sampled, SamplingParams, sample
 
 log = logging.getLogger("hylo")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_CACHE_BYTES = 1 << 30  # default state budget on CPU, where no device memory tells us a size
-
-
-@dataclass
-class EngineConfig:
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float = 0.9
-    seed: int = 0
-    tensor_parallel_size: int = 1
-    enable_lora: bool = False
-    max_loras: int = 1
-    max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
-
-    def validate(self) -> None:
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not available yet; use 1")
-        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be >= max_loras={self.max_loras}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype='{self.dtype}' is not one of auto, {', '.join(DTYPES)}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device='{name}' but no CUDA device is visible; use device='cpu' or 'auto'")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device, model: ModelConfig) -> torch.dtype:
-    """'auto': float32 on CPU (bf16 matmuls are slow there); on GPU the checkpoint's 16-bit type, else bfloat16."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32
-    return torch.float16 if model.dtype == "float16" else torch.bfloat16
+def check_splittable(model_config: ModelConfig, tp_size: int) -> None:
+    """Refuse a tensor_parallel_size the model cannot be split over, before any process starts."""
+    if tp_size == 1:
+        return
+    try:
+        with torch.device("meta"):
+            Qwen3_5ForCausalLM(model_config, TPGroup(0, tp_size), select_ops(torch.device("cpu")))
+    except ShardError as e:
+        raise ShardError(f"'{model_config.path}' cannot run with tensor_parallel_size={tp_size}: {e}") from None
 
 
 def load_tokenizer(path: Path):
@@ -107,50 +64,34 @@ class LLMEngine:
         config.validate()
         self.config = config
         self.model_config = read_model_config(config.model)
-        self.device = resolve_device(config.device)
+        check_splittable(self.model_config, config.tensor_parallel_size)
+        self.device = resolve_device(config.device, config.tensor_parallel_size)
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
-        text = self.model_config.text
-        self.max_model_len = config.max_model_len or text.max_position_embeddings
+        self.max_model_len = config.max_model_len or self.model_config.text.max_position_embeddings
         self.tokenizer = load_tokenizer(self.model_config.path)
         self.eos_ids = eos_token_ids(self.model_config.path, self.model_config, self.tokenizer)
         torch.manual_seed(config.seed)
-
-        tp = TPGroup()
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                self.model = Qwen3_5ForCausalLM(self.model_config, tp, select_ops(self.device))
-        finally:
-            torch.set_default_dtype(default_dtype)
-        load_weights(self.model, self.model_config, tp, progress)
-
+        self.executor = Executor(config, self.model_config, self.device, self.dtype, self.max_model_len, progress)
+        self._finalizer = weakref.finalize(self, self.executor.shutdown)
         self.lora = None
         if config.enable_lora:
-            max_cpu = config.max_cpu_loras or config.max_loras
-            self.lora = LoRASlots(self.model, self.model_config, config.max_loras, config.max_lora_rank, max_cpu, tp)
-        shapes = self.model.cache_shapes()
-        plan = CachePlan.fit(shapes, self._cache_budget(), config.block_size, self.max_model_len, config.max_num_seqs, self.dtype)
+            self.lora = LoRASlots(self.executor, config.max_loras, config.max_cpu_loras or config.max_loras)
+        plan = self.executor.plan
         self.scheduler = Scheduler(
             BlockAllocator(plan.num_blocks), SlotPool(plan.num_slots), config.block_size, config.max_num_seqs,
             config.max_num_batched_tokens, self.lora,
         )
-        caches = plan.allocate(shapes, config.block_size, self.dtype, self.device)
-        self.runner = Runner(self.model, caches, config.block_size, self.device, self.lora.batch if self.lora else None)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
 
-    def _cache_budget(self) -> int:
-        if self.config.kv_cache_memory_bytes is not None:
-            return self.config.kv_cache_memory_bytes
-        if self.device.type != "cuda":
-            return CPU_CACHE_BYTES
-        free, total = torch.cuda.mem_get_info(self.device)
-        text = self.model_config.text
-        # Room for one step's activations and logits, which are not measured by a profiling run here.
-        widest = max(text.hidden_size * 4, getattr(text, "intermediate_size", 0) * 2, text.num_attention_heads * text.head_dim * 2)
-        activations = 6 * self.config.max_num_batched_tokens * widest * 4 + 3 * self.config.max_num_seqs * text.vocab_size * 4
-        return int(self.config.gpu_memory_utilization * total - (total - free) - activations)
+    @property
+    def model(self):
+        """Rank 0's model (the whole model when tensor_parallel_size is 1)."""
+        return self.executor.driver.model
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (also done when the engine is garbage-collected or at exit)."""
+        self._finalizer()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -218,7 +159,7 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step:
             return []
-        logits = self.runner.execute(step)
+        logits = self.executor.call("execute", prepare_step(step, self.config.block_size))[0]
         sampling = [item for item in step if item.samples]
         for item in step:
             item.seq.num_computed += item.num_tokens

@@ -1,0 +1,76 @@
+"""One tensor-parallel rank: its shard of the model, its caches and adapter slots, one forward per step."""
+
+from __future__ import annotations
+
+import torch
+
+from hylo.batch import StepInput
+from hylo.config import ModelConfig
+from hylo.distributed import TPGroup
+from hylo.engine.cache import CachePlan
+from hylo.engine.config import EngineConfig
+from hylo.kernels import select_ops
+from hylo.loader import load_weights
+from hylo.lora.request import LoRARequest
+from hylo.lora.store import AdapterStore
+from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
+
+CPU_CACHE_BYTES = 1 << 30  # default state budget per rank on CPU, where no device memory tells us a size
+
+
+class ModelWorker:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, tp: TPGroup, device: torch.device, dtype: torch.dtype, progress: bool):
+        self.config = config
+        self.model_config = model_config
+        self.tp = tp
+        self.device = device
+        self.dtype = dtype
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                self.model = Qwen3_5ForCausalLM(model_config, tp, select_ops(device))
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, model_config, tp, progress)
+        self.lora = None
+        if config.enable_lora:
+            self.lora = AdapterStore(self.model, model_config, config.max_loras, config.max_lora_rank, tp)
+        self.shapes = self.model.cache_shapes()
+        self.caches = None
+
+    def cache_budget(self) -> int:
+        """Bytes this rank can give to KV blocks and GDN state."""
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes
+        if self.device.type != "cuda":
+            return CPU_CACHE_BYTES
+        free, total = torch.cuda.mem_get_info(self.device)
+        text = self.model_config.text
+        # Room for one step's activations and logits (an estimate; no profiling run is made).
+        widest = max(text.hidden_size * 4, getattr(text, "intermediate_size", 0) * 2, text.num_attention_heads * text.head_dim * 2)
+        activations = 6 * self.config.max_num_batched_tokens * widest * 4 + 3 * self.config.max_num_seqs * text.vocab_size * 4
+        return int(self.config.gpu_memory_utilization * total - (total - free) - activations)
+
+    def allocate(self, plan: CachePlan) -> None:
+        self.caches = plan.allocate(self.shapes, self.config.block_size, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Logits [sampled sequences, vocab] in float32 (every rank computes them; the driver samples)."""
+        batch = step.to_batch(self.device)
+        if self.lora is not None:
+            self.lora.set_step(step.lora_slots, step.query_lens, self.device)
+        return self.model.compute_logits(self.model(batch, self.caches))
+
+    def lora_register(self, request: LoRARequest) -> None:
+        self.lora.register(request)
+
+    def lora_forget(self, lora_id: int) -> None:
+        self.lora.forget(lora_id)
+
+    def lora_load(self, slot: int, lora_id: int) -> None:
+        self.lora.load(slot, lora_id)
+
+    def lora_clear(self, slot: int) -> None:
+        self.lora.clear(slot)
