@@ -157,18 +157,18 @@ class Executor:
         return [result] + values
 
     def _collect(self, what: str) -> tuple[list, list]:
+        """Each worker's reply to the last call; WorkerDied as soon as one is gone."""
         values, errors = [], []
         for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), start=1):
-            while not conn.poll(0.05):
-                if not proc.is_alive() and not conn.poll(0):
-                    hint = " (a script that starts hylo must guard its entry with `if __name__ == \"__main__\":`)" if what == "process start" else ""
-                    self.dead = f"tensor-parallel worker rank {rank} exited (code {proc.exitcode}) during {what}{hint}; restart the engine"
-                    self.shutdown()
-                    raise WorkerDied(self.dead)
             try:
+                while not conn.poll(0.05):
+                    if not proc.is_alive() and not conn.poll(0):
+                        raise EOFError
                 status, value = conn.recv()
-            except EOFError:
-                self.dead = f"tensor-parallel worker rank {rank} closed its connection during {what}; restart the engine"
+            except (EOFError, OSError):
+                proc.join(1)
+                hint = ' (a script that starts hylo must guard its entry with `if __name__ == "__main__":`)' if what == "process start" else ""
+                self.dead = f"tensor-parallel worker rank {rank} exited (code {proc.exitcode}) during {what}{hint}; restart the engine"
                 self.shutdown()
                 raise WorkerDied(self.dead) from None
             if status == "error":

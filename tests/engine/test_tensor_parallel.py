@@ -1,0 +1,88 @@
+"""Tensor parallelism on CPU (gloo): every size gives HF+PEFT's tokens, with adapters on every target.
+
+Each engine here starts worker processes, so each test builds its own and shuts it down.
+"""
+
+import os
+import signal
+import time
+
+import pytest
+
+from hylo import LLM, LoRARequest, SamplingParams
+from hylo.engine.executor import WorkerDied
+from hylo.layers.parts import ShardError
+from tests.conftest import EXPERT_PARAMETERS, hf_peft_greedy, random_prompts
+
+STEPS = 8
+
+
+def tp_engine(checkpoints, kind, tp, **options):
+    return LLM(checkpoints(kind), device="cpu", progress=False, tensor_parallel_size=tp, **options)
+
+
+def check_mixed_batch(llm, kind, checkpoints, loras, seed):
+    prompts = random_prompts([4 + 3 * i for i in range(len(loras))], seed=seed)
+    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=2)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras)
+    finally:
+        llm.llm_engine.shutdown()
+    for prompt, lora, out in zip(prompts, loras, outs):
+        tokens, logits = hf_peft_greedy(kind, checkpoints(kind), lora.lora_path if lora else None, prompt, STEPS)
+        assert out.outputs[0].token_ids == tokens, f"adapter {lora.lora_name if lora else 'none'}"
+        for step, entry in enumerate(out.outputs[0].logprobs):
+            for token, lp in entry.items():
+                assert lp.logprob == pytest.approx(logits[step].log_softmax(-1)[token].item(), abs=2e-4)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("kind", ["moe", "dense-vl", "moe-vl"])
+def test_every_target_at_tp_equals_hf_peft(kind, tp, checkpoints, adapters):
+    """One mixed batch per size: no adapter, all targets, and single-target adapters (slots swap: max_loras=2)."""
+    single = [["in_proj_z"], ["in_proj_qkv"], ["in_proj_b", "in_proj_a"], ["out_proj"], ["q_proj", "o_proj"]]
+    folders = [adapters(kind, seed=100)] + [adapters(kind, seed=101 + i, target_modules=t) for i, t in enumerate(single)]
+    if kind.startswith("moe"):
+        folders.append(adapters(kind, seed=110, target_modules=None, target_parameters=EXPERT_PARAMETERS))
+    loras = [None] + [LoRARequest(f"t{i}", i + 1, f) for i, f in enumerate(folders)]
+    llm = tp_engine(checkpoints, kind, tp, enable_lora=True, max_loras=2, max_lora_rank=8)
+    check_mixed_batch(llm, kind, checkpoints, loras, seed=120 + tp)
+
+
+@pytest.mark.parametrize("max_loras", [1, 2, 4])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_tp_by_max_loras_matrix(tp, max_loras, checkpoints, adapters):
+    """No adapter and adapters of ranks 2, 4 and 8 mixed in one batch, against per-request HF+PEFT."""
+    folders = [adapters("dense", seed=130 + r, r=r) for r in (2, 4, 8)]
+    loras = [None, LoRARequest("r2", 1, folders[0]), LoRARequest("r4", 2, folders[1]), None, LoRARequest("r8", 3, folders[2]), LoRARequest("r2", 1, folders[0])]
+    llm = tp_engine(checkpoints, "dense", tp, enable_lora=True, max_loras=max_loras, max_lora_rank=8)
+    check_mixed_batch(llm, "dense", checkpoints, loras, seed=140)
+
+
+def test_sizes_that_do_not_split_are_refused_naming_the_dimension(checkpoints):
+    with pytest.raises(ShardError, match=r"tensor_parallel_size=3.*units.*sizes that work: 1, 2, 4"):
+        tp_engine(checkpoints, "dense", 3)
+    # 4 GDN key heads cannot be replicated like KV heads: 8 ranks are refused, naming the block.
+    with pytest.raises(ShardError, match=r"linear_attn.*block 'q' has 4 units.*tensor_parallel_size=8"):
+        tp_engine(checkpoints, "dense", 8)
+
+
+def test_a_killed_worker_is_a_clear_error_not_a_hang(checkpoints):
+    llm = tp_engine(checkpoints, "dense", 2)
+    procs = llm.llm_engine.executor.procs
+    os.kill(procs[0].pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerDied, match="rank 1"):
+        llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
+    assert time.monotonic() - start < 30
+    with pytest.raises(WorkerDied):  # the engine stays failed rather than half-working
+        llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_shutdown_leaves_no_process(checkpoints):
+    llm = tp_engine(checkpoints, "moe", 2)
+    procs = list(llm.llm_engine.executor.procs)
+    assert all(p.is_alive() for p in procs)
+    llm.llm_engine.shutdown()
+    assert not any(p.is_alive() for p in procs)
