@@ -8,36 +8,56 @@ import sys
 import time
 
 from hylo.config import ModelError
+from hylo.lora.peft_config import AdapterError
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from hylo import LLM, SamplingParams
+    from hylo import LLM, LoRARequest, SamplingParams
 
-    model = args.model
-    prompts = args.prompt
+    model, prompts, loras, use = args.model, args.prompt, dict(args.lora or []), args.use_lora
     if model is None:
-        from hylo.demo import BASE_DIR, DEMO_PROMPTS
+        from hylo.demo import ADAPTER_DIRS, BASE_DIR, DEMO_PROMPTS
 
         model, prompts = str(BASE_DIR), prompts or DEMO_PROMPTS
-        print(f"model: the embedded demo checkpoint ({BASE_DIR.name}); pass --model PATH for your own")
+        loras = loras or {name: str(path) for name, path in ADAPTER_DIRS.items()}
+        use = use or ["base", *ADAPTER_DIRS]
+        print(f"model: the embedded demo checkpoint, adapters {', '.join(ADAPTER_DIRS)}; pass --model PATH for your own")
+    use = use or ["base"]
     if not prompts:
         print("error: give at least one --prompt", file=sys.stderr)
         return 2
-    llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    unknown = [name for name in use if name != "base" and name not in loras]
+    if unknown:
+        print(f"error: --use-lora {unknown[0]}: no adapter of that name; add it with --lora {unknown[0]}=PATH", file=sys.stderr)
+        return 2
+    requests = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(loras.items())}
+    llm = LLM(
+        model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+        enable_lora=bool(requests), max_loras=max(1, len(requests)), max_lora_rank=args.max_lora_rank,
+    )
     params = SamplingParams(
         n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
         max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
     )
+    jobs = [(name, prompt) for prompt in prompts for name in use]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate([p for _, p in jobs], params, lora_request=[requests.get(name) for name, _ in jobs])
     elapsed = time.perf_counter() - start
     generated = 0
-    for out in outputs:
+    for (name, _), out in zip(jobs, outputs):
         for completion in out.outputs:
             generated += len(completion.token_ids)
-            print(f"{out.prompt!r} → {completion.text!r}  [{completion.finish_reason}]")
+            print(f"[{name}] {out.prompt!r} → {completion.text!r} ({completion.finish_reason})")
     print(f"{generated} tokens in {elapsed:.2f} s ({generated / elapsed:.1f} tokens/s, {llm.llm_engine.device}, {llm.llm_engine.dtype})")
+    llm.llm_engine.shutdown()
     return 0
+
+
+def _lora_pair(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"'{text}': write --lora NAME=PATH")
+    return name, path
 
 
 def _check_adapter(args: argparse.Namespace) -> int:
@@ -67,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--max-model-len", type=int)
+    gen.add_argument("--tensor-parallel-size", type=int, default=1)
+    gen.add_argument("--lora", action="append", type=_lora_pair, metavar="NAME=PATH", help="a PEFT adapter; repeat for several")
+    gen.add_argument("--use-lora", action="append", metavar="NAME", help="run the prompts with this adapter ('base': none); repeat for several")
+    gen.add_argument("--max-lora-rank", type=int, default=64)
     gen.set_defaults(run=_generate)
     check = sub.add_parser("check-adapter", help="show where every adapter tensor lands (per TP rank), or why it is refused")
     check.add_argument("model", help="base checkpoint folder")
@@ -82,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ModelError, ValueError) as e:
+    except (ModelError, AdapterError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
