@@ -50,10 +50,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelError(f"'{folder}' has no config.json; is it a Hugging Face checkpoint folder?")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"'{config_file}' is not valid JSON: {e}") from None
+    raw = read_json(config_file, ModelError)
     archs = raw.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
@@ -72,6 +69,17 @@ def read_model_config(path: str | Path) -> ModelConfig:
     tie = bool(getattr(hf, "tie_word_embeddings", False))
     dtype = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
     return ModelConfig(folder, arch, text, tie, dtype)
+
+
+def read_json(path: Path, error: type[ValueError]) -> dict:
+    """A JSON object from `path`, or `error` naming the file."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"'{path}' is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise error(f"'{path}' must hold a JSON object")
+    return raw
 
 
 def _check_supported(text: Any, folder: Path) -> None:

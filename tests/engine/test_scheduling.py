@@ -51,8 +51,8 @@ def test_preemption_under_a_small_kv_budget_keeps_tokens(checkpoints, engines):
     assert [o.outputs[0].token_ids for o in outs] == expected
     scheduler = small.llm_engine.scheduler
     assert scheduler.num_preemptions > 0
-    assert scheduler.blocks.num_free == scheduler.blocks.num_blocks
-    assert scheduler.slots.num_free == scheduler.slots.num_slots
+    assert scheduler.blocks.num_free == scheduler.blocks.size
+    assert scheduler.slots.num_free == scheduler.slots.size
 
 
 @pytest.mark.parametrize("budget", [7, 16])
@@ -74,8 +74,8 @@ def test_abort_returns_blocks_and_slot_at_once(engines):
     scheduler = engine.scheduler
     engine.add_request("gone", {"prompt_token_ids": random_prompts([50])[0]}, SamplingParams(max_tokens=100))
     engine.step()
-    assert scheduler.blocks.num_free < scheduler.blocks.num_blocks
+    assert scheduler.blocks.num_free < scheduler.blocks.size
     engine.abort_request("gone")
-    assert scheduler.blocks.num_free == scheduler.blocks.num_blocks
-    assert scheduler.slots.num_free == scheduler.slots.num_slots
+    assert scheduler.blocks.num_free == scheduler.blocks.size
+    assert scheduler.slots.num_free == scheduler.slots.size
     assert not engine.has_unfinished_requests()

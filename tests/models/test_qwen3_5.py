@@ -45,15 +45,15 @@ def test_prefill_logits_at_every_position_match_hf(kind, engines, hf_models):
     engine = engines(kind).llm_engine
     prompt = random_prompts([40], seed=9)[0]
     seq = Sequence(10_000, Request("logits", None, prompt, SamplingParams(), []), 0, None)
-    seq.block_ids = engine.scheduler.blocks.allocate(3)
-    seq.state_slot = engine.scheduler.slots.acquire()
+    seq.block_ids = engine.scheduler.blocks.take(3)
+    seq.state_slot = engine.scheduler.slots.take(1)[0]
     try:
         step = prepare_step([Scheduled(seq, len(prompt))], engine.config.block_size)
         step.logits_indices = list(range(len(prompt)))
         logits = engine.executor.call("execute", step)[0]
     finally:
-        engine.scheduler.blocks.free(seq.block_ids)
-        engine.scheduler.slots.release(seq.state_slot)
+        engine.scheduler.blocks.give(seq.block_ids)
+        engine.scheduler.slots.give([seq.state_slot])
     with torch.no_grad():
         ref = hf_models(kind)(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)

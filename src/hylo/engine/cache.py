@@ -12,42 +12,25 @@ from hylo.state import CacheShapes, CacheTensors
 log = logging.getLogger("hylo")
 
 
-class OutOfBlocks(Exception):
-    pass
+class FreeList:
+    """Ids 0..size-1 handed out and taken back (KV blocks, GDN state slots); lowest ids first."""
 
-
-class BlockAllocator:
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self.free_ids = list(range(num_blocks - 1, -1, -1))
+    def __init__(self, size: int):
+        self.size = size
+        self.free_ids = list(range(size - 1, -1, -1))
 
     @property
     def num_free(self) -> int:
         return len(self.free_ids)
 
-    def allocate(self, n: int) -> list[int]:
+    def take(self, n: int) -> list[int] | None:
+        """n ids, or None (and nothing taken) when fewer are free."""
         if n > len(self.free_ids):
-            raise OutOfBlocks
+            return None
         return [self.free_ids.pop() for _ in range(n)]
 
-    def free(self, ids: list[int]) -> None:
+    def give(self, ids: list[int]) -> None:
         self.free_ids.extend(reversed(ids))
-
-
-class SlotPool:
-    def __init__(self, num_slots: int):
-        self.num_slots = num_slots
-        self.free_slots = list(range(num_slots - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free_slots)
-
-    def acquire(self) -> int:
-        return self.free_slots.pop()
-
-    def release(self, slot: int) -> None:
-        self.free_slots.append(slot)
 
 
 @dataclass(frozen=True)

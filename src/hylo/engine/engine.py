@@ -12,7 +12,7 @@ import torch
 
 from hylo.config import ModelConfig, read_model_config
 from hylo.distributed import TPGroup
-from hylo.engine.cache import BlockAllocator, SlotPool
+from hylo.engine.cache import FreeList
 from hylo.engine.config import EngineConfig, resolve_device, resolve_dtype
 from hylo.engine.detokenizer import IncrementalDetokenizer
 from hylo.engine.executor import Executor
@@ -78,7 +78,7 @@ class LLMEngine:
             self.lora = LoRASlots(self.executor, config.max_loras, config.max_cpu_loras or config.max_loras)
         plan = self.executor.plan
         self.scheduler = Scheduler(
-            BlockAllocator(plan.num_blocks), SlotPool(plan.num_slots), config.block_size, config.max_num_seqs,
+            FreeList(plan.num_blocks), FreeList(plan.num_slots), config.block_size, config.max_num_seqs,
             config.max_num_batched_tokens, self.lora,
         )
         self.requests: dict[str, Request] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from hylo.engine.cache import BlockAllocator, OutOfBlocks, SlotPool
+from hylo.engine.cache import FreeList
 from hylo.engine.sequence import Sequence, Status
 from hylo.lora.slots import LoRASlots
 
@@ -28,7 +28,7 @@ class Scheduled:
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockAllocator, slots: SlotPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+        self, blocks: FreeList, slots: FreeList, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
         lora: LoRASlots | None = None,
     ):
         self.blocks = blocks
@@ -75,7 +75,7 @@ class Scheduler:
             if not self._reserve(seq, n):
                 break
             admitted.append(seq)
-            seq.state_slot = self.slots.acquire()
+            seq.state_slot = self.slots.take(1)[0]
             if seq.lora_id is not None:
                 seq.lora_slot = self.lora.acquire(seq.lora_id)
             seq.status = Status.RUNNING
@@ -99,10 +99,10 @@ class Scheduler:
         needed = -(-(seq.num_computed + n) // self.block_size) - len(seq.block_ids)
         if needed <= 0:
             return True
-        try:
-            seq.block_ids += self.blocks.allocate(needed)
-        except OutOfBlocks:
+        blocks = self.blocks.take(needed)
+        if blocks is None:
             return False
+        seq.block_ids += blocks
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -114,10 +114,10 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
-        self.blocks.free(seq.block_ids)
+        self.blocks.give(seq.block_ids)
         seq.block_ids = []
         if seq.state_slot is not None:
-            self.slots.release(seq.state_slot)
+            self.slots.give([seq.state_slot])
             seq.state_slot = None
         if seq.lora_slot is not None:
             self.lora.release(seq.lora_slot)

@@ -21,26 +21,17 @@ class RMSNorm(nn.Module):
     def parts(self) -> list[Part]:
         return [Part(f"{self.name}.weight", self.weight)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class GatedRMSNorm(nn.Module):
-    """GDN's output norm per value head: weight·norm(x), times silu(gate) in float32."""
-
-    def __init__(self, name: str, dim: int, eps: float):
-        super().__init__()
-        self.name = name
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
-
-    def parts(self) -> list[Part]:
-        return [Part(f"{self.name}.weight", self.weight)]
+class GatedRMSNorm(RMSNorm):
+    """GDN's output norm per value head: weight·norm(x) (weight stored as is), times silu(gate) in float32."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(x.dtype)
+        out = self.weight * self.normalized(x).to(x.dtype)
         return (out * F.silu(gate.float())).to(x.dtype)

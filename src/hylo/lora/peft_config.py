@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from hylo.config import read_json
 
 
 class AdapterError(ValueError):
@@ -94,10 +95,7 @@ def read_peft_config(folder: Path) -> PeftConfig:
     path = folder / "adapter_config.json"
     if not path.is_file():
         raise AdapterError(f"adapter folder '{folder}' has no adapter_config.json; is it a PEFT LoRA folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"'{path}' is not valid JSON: {e}") from None
+    raw = read_json(path, AdapterError)
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"'{folder}' is a {raw.get('peft_type')} adapter; hylo serves LoRA adapters only")
     for option, why in UNSUPPORTED.items():
