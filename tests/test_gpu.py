@@ -50,3 +50,18 @@ def test_cuda_lora_equals_cpu(checkpoints, engines, adapters):
     gpu = LLM(checkpoints("moe"), device="cuda", dtype="float32", progress=False, kv_cache_memory_bytes=CACHE, enable_lora=True, max_loras=2, max_lora_rank=16)
     cpu = engines("moe", enable_lora=True, max_loras=2, max_lora_rank=16)
     assert [o.token_ids for o in run(gpu, prompts, request)] == [o.token_ids for o in run(cpu, prompts, request)]
+
+
+def test_demo_bfloat16_on_cuda_gives_the_cpu_float32_tokens():
+    """The trained demo model has clear margins: bf16 on the GPU must give exactly the CPU float32 tokens."""
+    from hylo.demo import ADAPTER_DIRS, BASE_DIR
+    from hylo.demo.tasks import STARTS, prompt_for
+
+    prompts = [prompt_for(s) for s in STARTS]
+    loras = [None, *(LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(ADAPTER_DIRS.items()))] * len(prompts)
+    prompts = [p for p in prompts for _ in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=30)
+    options = dict(progress=False, enable_lora=True, max_loras=2, max_lora_rank=8)
+    cpu = LLM(str(BASE_DIR), device="cpu", **options).generate(prompts, params, lora_request=loras)
+    gpu = LLM(str(BASE_DIR), device="cuda", dtype="bfloat16", kv_cache_memory_bytes=CACHE, **options).generate(prompts, params, lora_request=loras)
+    assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
