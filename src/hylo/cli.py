@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--tp", type=int, default=1, help="tensor_parallel_size to check the split for")
     check.add_argument("--max-lora-rank", type=int, default=64)
     check.set_defaults(run=_check_adapter)
+    from hylo.server.serve import add_arguments, serve
+
+    server = sub.add_parser("serve", help="an OpenAI-compatible server (no MODEL: the embedded demo and its adapters)")
+    add_arguments(server)
+    server.set_defaults(run=serve)
     return parser
 
 

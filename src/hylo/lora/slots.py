@@ -28,7 +28,7 @@ class LoRASlots:
         self.slot_lora: list[int | None] = [None] * max_loras
         self.slot_users = [0] * max_loras
         self.slot_used_at = [0.0] * max_loras
-        self.loads = 0
+        self.load_seconds: list[float] = []  # one entry per slot load, read by the server's metrics
 
     def register(self, request: LoRARequest) -> None:
         """Know `request`, reading and validating its folder on every rank on first sight; AdapterError if refused."""
@@ -89,8 +89,8 @@ class LoRASlots:
         self.host.move_to_end(lora_id)
         self.executor.call("lora_load", slot, lora_id)
         self.slot_lora[slot] = lora_id
-        self.loads += 1
-        log.info("adapter %s into slot %d in %.1f ms", self.requests[lora_id].lora_name, slot, 1e3 * (time.perf_counter() - start))
+        self.load_seconds.append(time.perf_counter() - start)
+        log.info("adapter %s into slot %d in %.1f ms", self.requests[lora_id].lora_name, slot, 1e3 * self.load_seconds[-1])
 
     def _clear(self, slot: int) -> None:
         self.executor.call("lora_clear", slot)

@@ -1,0 +1,77 @@
+"""A real `hylo serve` process on 127.0.0.1 per fixture, stopped (SIGTERM, then kill) when the fixture ends."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "hylo.cli", "serve", *args, "--device", "cpu", "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not start within 120 s")
+
+    def client(self, key: str | None = KEY):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+    def rss_mb(self) -> float:
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> bool:
+        """SIGTERM; True when the server shut down by itself, in time and without a traceback."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return False
+        return code in (0, -signal.SIGTERM) and b"Traceback" not in self.proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def lora_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("lora-root")
+
+
+@pytest.fixture(scope="module")
+def server(lora_root):
+    # A long context so that a request can still be running when its client disconnects.
+    s = Server("--api-key", KEY, "--allow-runtime-lora", "--lora-root", str(lora_root), "--max-loras", "2", "--max-lora-rank", "8", "--max-model-len", "20000")
+    yield s
+    assert s.stop(), "the server must exit cleanly on SIGTERM"
