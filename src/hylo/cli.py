@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from hylo.config import ModelError
 from hylo.lora.peft_config import AdapterError
@@ -68,6 +69,21 @@ def _check_adapter(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from hylo.bench import print_table, run
+
+    if not torch.cuda.is_available():
+        print("error: hylo bench measures a CUDA device, and none is visible", file=sys.stderr)
+        return 2
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    result = run(args.shape, ints(args.batch), ints(args.adapters), args.rank, args.prompt_len, args.new_tokens,
+                 args.prefill_tokens, args.hf, Path(args.json) if args.json else None)
+    print_table(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo", description="Qwen3.5 inference with many LoRA adapters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--tp", type=int, default=1, help="tensor_parallel_size to check the split for")
     check.add_argument("--max-lora-rank", type=int, default=64)
     check.set_defaults(run=_check_adapter)
+    bench = sub.add_parser("bench", help="decode/prefill speed on a named shape with random weights (needs CUDA)")
+    bench.add_argument("--shape", default="qwen3.5-9b", help="qwen3.5-9b, qwen3.5-35b-a3b or tiny")
+    bench.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
+    bench.add_argument("--adapters", default="0,1,4", help="comma-separated numbers of distinct adapters")
+    bench.add_argument("--rank", type=int, default=16)
+    bench.add_argument("--prompt-len", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--prefill-tokens", type=int, default=8192)
+    bench.add_argument("--hf", action="store_true", help="also time HF transformers + PEFT at batch 1")
+    bench.add_argument("--json", help="write the figures here")
+    bench.set_defaults(run=_bench)
     from hylo.server.serve import add_arguments, serve
 
     server = sub.add_parser("serve", help="an OpenAI-compatible server (no MODEL: the embedded demo and its adapters)")

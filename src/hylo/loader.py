@@ -133,3 +133,21 @@ def _check_filled(model: nn.Module, claims: dict, written: dict[int, int], loade
 
 def _checkpoint_name(name: str, config: ModelConfig) -> str:
     return config.checkpoint_prefix + name[len("model.") :] if name.startswith("model.") else name
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of realistic scale (for benchmarks on shapes whose weights are not at hand)."""
+    from hylo.layers.gdn import HeadwiseParams
+    from hylo.layers.norm import GatedRMSNorm
+
+    generators: dict[torch.device, torch.Generator] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            g = generators.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            p.normal_(0.0, 0.02, generator=g)
+        if isinstance(module, GatedRMSNorm):
+            module.weight.fill_(1.0)
+        if isinstance(module, HeadwiseParams):
+            module.A_log.uniform_(1.0, 16.0).log_()
+            module.dt_bias.fill_(1.0)

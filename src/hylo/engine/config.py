@@ -28,6 +28,7 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    load_format: str = "safetensors"  # or "dummy": random weights, for benchmarks
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -41,6 +42,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format='{self.load_format}' is not one of safetensors, dummy")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype='{self.dtype}' is not one of auto, {', '.join(DTYPES)}")
 

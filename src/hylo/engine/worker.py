@@ -10,7 +10,7 @@ from hylo.distributed import TPGroup
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
 from hylo.kernels import select_ops
-from hylo.loader import load_weights
+from hylo.loader import init_dummy_weights, load_weights
 from hylo.lora.request import LoRARequest
 from hylo.lora.store import AdapterStore
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -32,7 +32,10 @@ class ModelWorker:
                 self.model = Qwen3_5ForCausalLM(model_config, tp, select_ops(device))
         finally:
             torch.set_default_dtype(default_dtype)
-        load_weights(self.model, model_config, tp, progress)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, model_config, tp, progress)
         self.lora = None
         if config.enable_lora:
             self.lora = AdapterStore(self.model, model_config, config.max_loras, config.max_lora_rank, tp)

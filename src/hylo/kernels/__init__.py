@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from hylo.kernels import reference
+from hylo.kernels import batched, reference
 
 
 @dataclass(frozen=True)
@@ -18,9 +19,13 @@ class Ops:
 
 
 def select_ops(device: torch.device) -> Ops:
-    """Kernels for `device`. The torch reference runs anywhere and is the oracle for faster kernels."""
-    return Ops(
-        paged_attention=reference.paged_attention,
-        causal_conv1d=reference.causal_conv1d,
-        gated_delta_rule=reference.gated_delta_rule,
-    )
+    """CPU: the torch reference (the oracle for every faster kernel). CUDA: batched torch decode paths,
+    and fla-core's gated-delta-rule kernels when the `cuda` extra is installed."""
+    if device.type != "cuda":
+        return Ops(reference.paged_attention, reference.causal_conv1d, reference.gated_delta_rule)
+    gdn = reference.gated_delta_rule
+    if importlib.util.find_spec("fla") is not None:
+        from hylo.kernels import fla_gdn
+
+        gdn = fla_gdn.gated_delta_rule
+    return Ops(batched.paged_attention, batched.causal_conv1d, gdn)

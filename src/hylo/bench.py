@@ -1,0 +1,189 @@
+"""`hylo bench`: decode and prefill speed on a named shape with random weights, as ratios measured in one run.
+
+In the same process it measures the device's copy bandwidth and bf16 matmul rate (the two ceilings),
+then hylo's decode step (the anchor method: 128-token prompts, 128 new tokens, greedy, ignore EOS,
+whole-call time / 128) at each batch size and adapter count, prefill throughput, and optionally
+HF transformers + PEFT on the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHAPES = {
+    "qwen3.5-9b": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {}),
+    "qwen3.5-35b-a3b": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {}),
+    "tiny": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(
+        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
+        linear_key_head_dim=32, linear_value_head_dim=32)),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_config(shape: str, folder: Path) -> Path:
+    import transformers as tf
+
+    config_name, arch, overrides = SHAPES[shape]
+    config = getattr(tf, config_name)(**overrides, max_position_embeddings=4096)
+    config.architectures = [arch]
+    config.save_pretrained(folder)
+    return folder
+
+
+def write_adapter(model, model_config, folder: Path, rank: int, seed: int) -> None:
+    """A random rank-`rank` PEFT adapter on every text target of the model, as PEFT would name it."""
+    from hylo.lora.adapter import lora_targets
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, target in lora_targets(model).items():
+        if target.part.lora != "module":
+            continue
+        out_features, in_features = target.part.full_shape()[:2]
+        peft = "base_model.model." + model_config.checkpoint_prefix + name[len("model."):]
+        tensors[peft + ".lora_A.weight"] = (torch.randn(rank, in_features, generator=g) / in_features**0.5).bfloat16()
+        tensors[peft + ".lora_B.weight"] = (torch.randn(out_features, rank, generator=g) * 0.01).bfloat16()
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": TARGETS}))
+
+
+def ceilings(device: torch.device) -> dict:
+    """Copy bandwidth (bytes read + written per second) and the bf16 matmul rate, each the median of several runs."""
+    def timed(fn, repeat=10) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    src = torch.randn(512 * 2**20, device=device, dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 2 / timed(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    flops = 2 * 8192**3 / timed(lambda: a @ b)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": bandwidth, "bf16_flops_per_s": flops}
+
+
+def weight_bytes(model, model_config) -> tuple[int, int]:
+    """(all weight bytes, bytes read per decode token: routed experts count only top_k of them)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    text = model_config.text
+    experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    active = total - experts + (experts * text.num_experts_per_tok // text.num_experts if model_config.is_moe else 0)
+    return total, active
+
+
+def decode_ms(llm, batch: int, loras: list, prompt_len: int, new_tokens: int) -> float:
+    from hylo import SamplingParams
+
+    g = torch.Generator().manual_seed(batch)
+    vocab = llm.llm_engine.model_config.text.vocab_size
+    prompts = [{"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()} for _ in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    requests = [loras[i % len(loras)] for i in range(batch)] if loras else None
+    start = time.perf_counter()
+    llm.generate(prompts, params, lora_request=requests)
+    return 1e3 * (time.perf_counter() - start) / new_tokens
+
+
+def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_len: int, new_tokens: int, prefill_tokens: int,
+        hf: bool, out: Path | None) -> dict:
+    from hylo import LLM, LoRARequest
+
+    device = torch.device("cuda")
+    result = {"shape": shape, "gpu": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"), "method":
+              f"{prompt_len}-token prompts, {new_tokens} new tokens, greedy, ignore EOS; ms/step = whole generate() / {new_tokens}"}
+    result.update(ceilings(device))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_config(shape, Path(tmp) / "model")
+        start = time.perf_counter()
+        llm = LLM(str(folder), dtype="bfloat16", device="cuda", load_format="dummy", enable_lora=max(adapters) > 0,
+                  max_loras=max(1, max(adapters)), max_lora_rank=rank, max_num_batched_tokens=max(prefill_tokens, prompt_len * max(batches)),
+                  max_model_len=prompt_len + new_tokens + 8, max_num_seqs=max(batches))
+        result["startup_s"] = time.perf_counter() - start
+        engine = llm.llm_engine
+        total, active = weight_bytes(engine.model, engine.model_config)
+        result.update(weight_bytes=total, active_weight_bytes=active, roofline_ms=1e3 * active / result["copy_bytes_per_s"])
+        loras = []
+        for i in range(max(adapters)):
+            write_adapter(engine.model, engine.model_config, Path(tmp) / f"a{i}", rank, seed=i)
+            loras.append(LoRARequest(f"a{i}", i + 1, str(Path(tmp) / f"a{i}")))
+        decode_ms(llm, 1, [], 16, 4)  # warm-up: kernels compiled and autotuned outside the timings
+        rows = []
+        for n in adapters:
+            for b in batches:
+                ms = decode_ms(llm, b, loras[:n], prompt_len, new_tokens)
+                rows.append({"batch": b, "adapters": n, "ms_per_step": ms, "tokens_per_s": 1e3 * b / ms})
+                print(f"  batch {b:4d}, adapters {n}: {ms:8.2f} ms/step, {1e3 * b / ms:9.1f} tok/s", flush=True)
+        base = {r["batch"]: r["ms_per_step"] for r in rows if r["adapters"] == 0}
+        for r in rows:
+            r["vs_base"] = r["ms_per_step"] / base[r["batch"]] if r["batch"] in base else None
+            r["vs_roofline"] = r["ms_per_step"] / result["roofline_ms"]
+        result["decode"] = rows
+        n_prompts = max(1, prefill_tokens // 1024)
+        start = time.perf_counter()
+        decode_ms(llm, n_prompts, loras[:1], 1024, 1)
+        seconds = time.perf_counter() - start
+        result["prefill"] = {"tokens": n_prompts * 1024, "tokens_per_s": n_prompts * 1024 / seconds,
+                             "matmul_fraction": 2 * (active // 2) * n_prompts * 1024 / seconds / result["bf16_flops_per_s"]}
+        engine.shutdown()
+        del llm, engine
+        torch.cuda.empty_cache()
+        if hf:
+            result["hf_peft"] = hf_peft_ms(folder, loras[:1], prompt_len, new_tokens)
+    if out:
+        out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def hf_peft_ms(folder: Path, loras: list, prompt_len: int, new_tokens: int) -> dict:
+    """HF transformers (+ PEFT for the adapter row) on the same shape, batch 1, the same method."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder), dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
+
+    def ms(m) -> float:
+        m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - start) / new_tokens
+
+    out = {"batch1_base_ms": ms(model)}
+    if loras:
+        from peft import PeftModel
+
+        out["batch1_adapter_ms"] = ms(PeftModel.from_pretrained(model, loras[0].lora_path).eval())
+    return out
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['shape']} on {r['gpu']} ({r['date']}); {r['method']}")
+    print(f"copy {r['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {r['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, "
+          f"weights {r['weight_bytes'] / 1e9:.1f} GB (read per token {r['active_weight_bytes'] / 1e9:.1f} GB), "
+          f"roofline {r['roofline_ms']:.2f} ms/step, start-up {r['startup_s']:.1f} s")
+    print("| batch | adapters | ms/step | tok/s | × own base | × roofline |\n|---|---|---|---|---|---|")
+    for row in r["decode"]:
+        vs_base = f"{row['vs_base']:.2f}" if row["vs_base"] else "–"
+        print(f"| {row['batch']} | {row['adapters']} | {row['ms_per_step']:.2f} | {row['tokens_per_s']:.0f} | {vs_base} | {row['vs_roofline']:.2f} |")
+    p = r["prefill"]
+    print(f"prefill, {p['tokens']} tokens with an adapter: {p['tokens_per_s']:.0f} tok/s = {100 * p['matmul_fraction']:.0f}% of the bf16 matmul rate")
+    if "hf_peft" in r:
+        print("HF+PEFT batch 1: " + ", ".join(f"{k} {v:.1f}" for k, v in r["hf_peft"].items()))
