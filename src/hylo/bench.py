@@ -114,7 +114,7 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
         start = time.perf_counter()
         llm = LLM(str(folder), dtype="bfloat16", device="cuda", load_format="dummy", enable_lora=max(adapters) > 0,
                   max_loras=max(1, max(adapters)), max_lora_rank=rank, max_num_batched_tokens=max(prefill_tokens, prompt_len * max(batches)),
-                  max_model_len=prompt_len + new_tokens + 8, max_num_seqs=max(batches))
+                  max_model_len=max(prompt_len + new_tokens, 1024) + 8, max_num_seqs=max(batches + [prefill_tokens // 1024]))
         result["startup_s"] = time.perf_counter() - start
         engine = llm.llm_engine
         total, active = weight_bytes(engine.model, engine.model_config)

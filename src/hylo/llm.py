@@ -33,6 +33,7 @@ class LLM:
         max_lora_rank: int = 16,
         max_cpu_loras: int | None = None,
         block_size: int = 16,
+        load_format: str = "safetensors",
         progress: bool = True,
     ):
         config = EngineConfig(
@@ -51,6 +52,7 @@ class LLM:
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,
             max_cpu_loras=max_cpu_loras,
+            load_format=load_format,
         )
         self.llm_engine = LLMEngine(config, progress=progress)
         self._ids = itertools.count()

@@ -16,7 +16,7 @@ def gated_delta_rule(q, k, v, g, beta, states, batch: Batch) -> torch.Tensor:
     initial = states[slots].masked_fill(fresh[:, None, None, None], 0.0)  # [seqs, value_heads, k_dim, v_dim]
     kernel = fused_recurrent_gated_delta_rule if batch.is_decode else chunk_gated_delta_rule
     out, final = kernel(
-        q[None], k[None], v[None], g[None].float(), beta[None].to(q.dtype),
+        q[None], k[None], v[None], g=g[None].float(), beta=beta[None].to(q.dtype),  # by name: the two kernels order them differently
         initial_state=initial, output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=batch.cu_seqlens,
     )
     states[slots] = final.float()

@@ -10,9 +10,6 @@ from pathlib import Path
 from hylo.engine.config import EngineConfig
 from hylo.engine.engine import LLMEngine
 from hylo.lora.request import LoRARequest
-from hylo.server.app import ServerState, build_app
-from hylo.server.async_engine import AsyncEngine
-from hylo.server.metrics import Metrics
 
 log = logging.getLogger("hylo")
 
@@ -40,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from hylo.server.app import ServerState, build_app  # the server's dependencies load only when serving
+    from hylo.server.async_engine import AsyncEngine
+    from hylo.server.metrics import Metrics
 
     model, modules = args.model, dict(m.split("=", 1) for m in args.lora_modules)
     if model is None:
