@@ -1,6 +1,5 @@
 """Text in and out: tokenizer, incremental detokenization, stop strings, chat template."""
 
-import pytest
 
 from hylo import SamplingParams
 from hylo.engine.detokenizer import IncrementalDetokenizer

@@ -5,7 +5,6 @@ import threading
 import time
 
 import openai
-import pytest
 
 from hylo.demo import expected_continuation, prompt_for
 from tests.server.conftest import KEY, Server

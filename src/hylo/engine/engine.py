@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import weakref
 from pathlib import Path
 
 import torch
 
-from hylo.config import ModelConfig, read_model_config
+from hylo.config import ModelConfig, ModelError, read_json, read_model_config
 from hylo.distributed import TPGroup
 from hylo.engine.cache import FreeList
 from hylo.engine.config import EngineConfig, resolve_device, resolve_dtype
@@ -28,6 +27,7 @@ from hylo.outputs import CompletionOutput, Logprob, RequestOutput
 from hylo.sampling import SampleInput, Sampled, SamplingParams, sample
 
 log = logging.getLogger("hylo")
+
 
 def check_splittable(model_config: ModelConfig, tp_size: int) -> None:
     """Refuse a tensor_parallel_size the model cannot be split over, before any process starts."""
@@ -51,7 +51,7 @@ def load_tokenizer(path: Path):
 
 def eos_token_ids(path: Path, model: ModelConfig, tokenizer) -> list[int]:
     gen = path / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    eos = read_json(gen, ModelError).get("eos_token_id") if gen.is_file() else None
     if eos is None:
         eos = getattr(model.text, "eos_token_id", None)
     if eos is None and tokenizer is not None:
