@@ -135,6 +135,7 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
             r["vs_roofline"] = r["ms_per_step"] / result["roofline_ms"]
         result["decode"] = rows
         n_prompts = max(1, prefill_tokens // 1024)
+        decode_ms(llm, n_prompts, loras[:1], 1024, 1)  # warm-up: the prefill kernels compile for these shapes
         start = time.perf_counter()
         decode_ms(llm, n_prompts, loras[:1], 1024, 1)
         seconds = time.perf_counter() - start

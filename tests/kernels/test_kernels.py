@@ -78,3 +78,21 @@ def test_chunked_and_recurrent_gated_delta_rule_agree():
         steps.append(reference.gated_delta_rule(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], step_states, one))
     torch.testing.assert_close(out, torch.cat(steps), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(states[3], step_states[3], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prefill_from_empty_equals_reference(dtype, tol):
+    torch.manual_seed(4)
+    lengths = [7, 1, 12]
+    n = sum(lengths)
+    tables = [[0, 1], [2], [3, 4, 5]]
+    slots = [b * BLOCK + p % BLOCK for t, m in zip(tables, lengths) for p, b in ((p, t[p // BLOCK]) for p in range(m))]
+    step = StepInput([0] * n, [p for m in lengths for p in range(m)], lengths, [0, 0, 0], [0, 1, 2], tables, slots, [6, 7, 19], [-1] * 3)
+    batch = step.to_batch(torch.device("cpu"))
+    q, k, v = torch.randn(n, 4, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype)
+    cache = torch.zeros(2, 64, BLOCK, 2, 16, dtype=dtype)
+    ref_cache = cache.clone()
+    got = batched.paged_attention(q, k, v, cache, batch, 0.25)
+    ref = reference.paged_attention(q, k, v, ref_cache, batch, 0.25)
+    assert torch.equal(cache, ref_cache)
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)

@@ -14,6 +14,8 @@ from hylo.kernels import reference
 
 
 def paged_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
+    if all(c == 0 for c in batch.context_lens):
+        return _prefill_from_empty(q, k, v, kv_cache, batch, scale)
     if not batch.is_decode:
         return reference.paged_attention(q, k, v, kv_cache, batch, scale)
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
@@ -39,3 +41,21 @@ def causal_conv1d(x, weight, conv_states, batch: Batch) -> torch.Tensor:
     window = torch.cat([conv_states[slots].to(x.dtype), x[:, :, None]], dim=-1)  # [seqs, channels, kernel]
     conv_states[slots] = window[:, :, 1:].to(conv_states.dtype)
     return F.silu((window.to(weight.dtype) * weight).sum(-1)).to(x.dtype)
+
+
+def _prefill_from_empty(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
+    """Every sequence starts here: causal attention over its own tokens (SDPA's fused kernels), cache written."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, batch.slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, batch.slot_mapping, v.to(kv_cache.dtype))
+    group = q.shape[1] // kv_heads
+    out = torch.empty_like(q)
+    starts = batch.cu_seqlens.tolist()
+    for i, n in enumerate(batch.query_lens):
+        s = slice(starts[i], starts[i] + n)
+        qi = q[s].transpose(0, 1)  # [heads, tokens, head_dim]
+        ki = k[s].repeat_interleave(group, dim=1).transpose(0, 1)
+        vi = v[s].repeat_interleave(group, dim=1).transpose(0, 1)
+        out[s] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(0, 1)
+    return out
