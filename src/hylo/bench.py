@@ -155,7 +155,8 @@ def hf_peft_ms(folder: Path, loras: list, prompt_len: int, new_tokens: int) -> d
     """HF transformers (+ PEFT for the adapter row) on the same shape, batch 1, the same method."""
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder), dtype=torch.bfloat16).cuda().eval()
+    with torch.device("cuda"):  # initialise on the GPU: 9B random weights on the host take minutes
+        model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder), dtype=torch.bfloat16).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
 
     def ms(m) -> float:
