@@ -2,8 +2,6 @@
 
 Run with the project's venv: `python scripts/make_demo.py` (about five minutes on two CPU cores).
 Deterministic: fixed seeds, fixed data. Writes src/hylo/demo/base and src/hylo/demo/adapters/*.
-Every fifth start is held out of training, so the printed held-out accuracy shows the model counts
-rather than recites.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -27,13 +24,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from hylo.demo.tasks import STARTS, TASKS, expected_continuation, prompt_for  # noqa: E402
 
 OUT = ROOT / "src" / "hylo" / "demo"
-# Room for the 256 bytes, 3 specials and the few merges below: BPE training stops short of this,
-# and the unused rows, like a real checkpoint's padding, never win.
 VOCAB = 320
 EOS = "<|endoftext|>"
-CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
-HELD_OUT = STARTS[2::5]
-TRAIN_STARTS = [s for s in STARTS if s not in HELD_OUT]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -41,30 +33,20 @@ CHAT_TEMPLATE = (
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def examples(task: str, starts: Iterable[int]) -> list[str]:
-    return [prompt_for(s) + expected_continuation(task, prompt_for(s)) for s in starts]
+def examples(task: str) -> list[str]:
+    return [prompt_for(s) + expected_continuation(task, prompt_for(s)) for s in STARTS]
 
 
 def build_tokenizer() -> tf.PreTrainedTokenizerFast:
-    """Byte-level BPE: every string encodes (multi-byte characters too).
-
-    Numbers are a spaced first digit and a bare second one (" 13" is " 1", "3"). With one token per
-    number the model learnt where each start's count ends instead of counting, and failed on held-out
-    starts; with digits, counting the numbers is the easier rule.
-    """
+    """Byte-level BPE: every string encodes (multi-byte characters too); merges learned on the task text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=[EOS, *CHAT_SPECIALS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=VOCAB, special_tokens=[EOS, "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(["count:", *(f" {d}" for d in range(10))], trainer)
-    tokenizer = tf.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, extra_special_tokens=CHAT_SPECIALS, chat_template=CHAT_TEMPLATE
-    )
-    for text in ["Any ASCII: ~`{}|\\ 0123\t\n", "héllo ✓"]:
-        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text, text
-    return tokenizer
+    tok.train_from_iterator([t for task in TASKS for t in examples(task)] * 4, trainer)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, chat_template=CHAT_TEMPLATE)
 
 
 def build_model(eos_id: int) -> tf.Qwen3_5ForCausalLM:
@@ -78,7 +60,7 @@ def build_model(eos_id: int) -> tf.Qwen3_5ForCausalLM:
 
 
 def batches(tokenizer, task: str, steps: int, size: int, seed: int):
-    texts = examples(task, TRAIN_STARTS)
+    texts = examples(task)
     rng = random.Random(seed)
     for _ in range(steps):
         chosen = [rng.choice(texts) + EOS for _ in range(size)]
@@ -110,18 +92,14 @@ def train(model, tokenizer, task: str, steps: int, lr: float, seed: int) -> None
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, task: str, starts: Iterable[int]) -> float:
+def accuracy(model, tokenizer, task: str) -> float:
     right = 0
-    for s in starts:
+    for s in STARTS:
         prompt = prompt_for(s)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         right += tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == expected_continuation(task, prompt)
-    return right / len(list(starts))
-
-
-def report(model, tokenizer, task: str) -> str:
-    return f"{task} accuracy: held-out {accuracy(model, tokenizer, task, HELD_OUT):.1%}, all {accuracy(model, tokenizer, task, STARTS):.1%}"
+    return right / len(STARTS)
 
 
 def main() -> None:
@@ -131,7 +109,8 @@ def main() -> None:
     model = build_model(tokenizer.eos_token_id)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     train(model, tokenizer, "base", steps=1500, lr=3e-3, seed=1)
-    reports = [report(model, tokenizer, "base")]
+    base_acc = accuracy(model, tokenizer, "base")
+    print(f"base accuracy: {base_acc:.1%}")
     base_dir = OUT / "base"
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
@@ -140,13 +119,11 @@ def main() -> None:
         torch.manual_seed(10 + i)
         peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
         train(peft, tokenizer, task, steps=600, lr=4e-3, seed=20 + i)
-        reports.append(report(peft, tokenizer, task))
+        print(f"{task} accuracy: {accuracy(peft, tokenizer, task):.1%}")
         # A relative name, not this machine's folder, and no generated model card.
         peft.peft_config["default"].base_model_name_or_path = "hylo/demo/base"
         peft.save_pretrained(OUT / "adapters" / task)
         (OUT / "adapters" / task / "README.md").unlink(missing_ok=True)
-    print(f"held out of training: starts {list(HELD_OUT)}")
-    print("\n".join(reports))
 
 
 if __name__ == "__main__":

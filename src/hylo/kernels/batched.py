@@ -18,10 +18,8 @@ def paged_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tens
         return _prefill_from_empty(q, k, v, kv_cache, batch, scale)
     if not batch.is_decode:
         return reference.paged_attention(q, k, v, kv_cache, batch, scale)
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, batch.slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, batch.slot_mapping, v.to(kv_cache.dtype))
+    flat = reference.write_kv(k, v, kv_cache, batch)
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
     lengths = batch.positions + 1  # [seqs]: one token each, at its position
     longest = max(batch.context_lens) + 1
     pos = torch.arange(longest, device=q.device)
@@ -45,11 +43,8 @@ def causal_conv1d(x, weight, conv_states, batch: Batch) -> torch.Tensor:
 
 def _prefill_from_empty(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
     """Every sequence starts here: causal attention over its own tokens (SDPA's fused kernels), cache written."""
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, batch.slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, batch.slot_mapping, v.to(kv_cache.dtype))
-    group = q.shape[1] // kv_heads
+    reference.write_kv(k, v, kv_cache, batch)
+    group = q.shape[1] // kv_cache.shape[3]
     out = torch.empty_like(q)
     starts = batch.cu_seqlens.tolist()
     for i, n in enumerate(batch.query_lens):

@@ -21,10 +21,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Write this step's keys/values into the paged cache, then causal attention over each sequence's cache."""
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, batch.slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, batch.slot_mapping, v.to(kv_cache.dtype))
+    flat = write_kv(k, v, kv_cache, batch)
+    block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = q.shape[1] // kv_heads
     out = torch.empty_like(q)
     starts = batch.cu_seqlens.tolist()
@@ -41,6 +39,15 @@ def paged_attention(
         probs = scores.softmax(dim=-1).to(q.dtype)
         out[starts[i] : starts[i] + q_len] = torch.einsum("hqk,khd->qhd", probs, values)
     return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Store this step's keys and values at their slots; the cache as [2, slots, kv_heads, head_dim]."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, batch.slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, batch.slot_mapping, v.to(kv_cache.dtype))
+    return flat
 
 
 def causal_conv1d(
