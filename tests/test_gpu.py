@@ -44,12 +44,33 @@ def test_cuda_bfloat16_follows_cpu_float32_wherever_the_choice_is_clear(kind, ch
     print(f"{kind}: bf16 matched float32 on {matched}/{total} greedy tokens")
 
 
-def test_cuda_lora_equals_cpu(checkpoints, engines, adapters):
-    prompts = random_prompts([5, 12], seed=92)
-    request = LoRARequest("g", 1, adapters("moe", seed=93))
-    gpu = LLM(checkpoints("moe"), device="cuda", dtype="float32", progress=False, kv_cache_memory_bytes=CACHE, enable_lora=True, max_loras=2, max_lora_rank=16)
-    cpu = engines("moe", enable_lora=True, max_loras=2, max_lora_rank=16)
-    assert [o.token_ids for o in run(gpu, prompts, request)] == [o.token_ids for o in run(cpu, prompts, request)]
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_cuda_lora_equals_cpu(kind, checkpoints, engines, adapters):
+    """Mixed batches (two adapters and the base model): the dense decode steps replay CUDA graphs with BGMV LoRA."""
+    prompts = random_prompts([5, 12, 7, 30, 2, 9], seed=92)
+    requests = [LoRARequest("g", 1, adapters(kind, seed=93)), LoRARequest("h", 2, adapters(kind, seed=94, r=8)), None] * 2
+    options = dict(enable_lora=True, max_loras=2, max_lora_rank=16)
+    gpu = LLM(checkpoints(kind), device="cuda", dtype="float32", progress=False, kv_cache_memory_bytes=CACHE, **options)
+    assert [o.token_ids for o in run(gpu, prompts, requests)] == [o.token_ids for o in run(engines(kind, **options), prompts, requests)]
+
+
+def test_cuda_graphs_survive_adapter_swaps_and_equal_eager(checkpoints, adapters):
+    """One slot, three adapters in turn: each load rewrites the slot the captured graphs read. Graph replay and
+    eager decode run the same kernels, so their float32 logprobs agree to the LoRA shrink's atomic-sum order."""
+    prompts = random_prompts([6, 11], seed=95)
+    options = dict(progress=False, kv_cache_memory_bytes=CACHE, enable_lora=True, max_loras=1, max_lora_rank=8)
+    graphs = LLM(checkpoints("dense"), device="cuda", dtype="float32", **options)
+    eager = LLM(checkpoints("dense"), device="cuda", dtype="float32", enforce_eager=True, **options)
+    assert graphs.llm_engine.executor.driver.graphs is not None and eager.llm_engine.executor.driver.graphs is None
+    cpu = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=8)
+    for i in range(3):
+        request = LoRARequest(f"a{i}", i + 1, adapters("dense", seed=96 + i, r=2 + 3 * i))
+        got, same = run(graphs, prompts, request), run(eager, prompts, request)
+        assert [o.token_ids for o in got] == [o.token_ids for o in run(cpu, prompts, request)]
+        assert [o.token_ids for o in got] == [o.token_ids for o in same]
+        for a, b in zip(got, same):
+            for step_a, step_b in zip(a.logprobs, b.logprobs):
+                assert all(abs(step_a[t].logprob - step_b[t].logprob) < 1e-4 for t in step_a)
 
 
 def test_demo_bfloat16_on_cuda_gives_the_cpu_float32_tokens():

@@ -21,6 +21,7 @@ class Batch:
     query_lens: list[int]
     context_lens: list[int]
     cu_seqlens: torch.Tensor  # [seqs + 1]
+    seq_lens: torch.Tensor  # [seqs]: context + query tokens, what attention reads after this step's writes
     state_slots: torch.Tensor  # [seqs]
     block_tables: torch.Tensor  # [seqs, max_blocks]
     slot_mapping: torch.Tensor  # [tokens]: flat index into (num_blocks * block_size)
@@ -62,6 +63,7 @@ class StepInput:
             query_lens=self.query_lens,
             context_lens=self.context_lens,
             cu_seqlens=tensor(cu),
+            seq_lens=tensor([c + q for c, q in zip(self.context_lens, self.query_lens)]),
             state_slots=tensor(self.state_slots),
             block_tables=tensor([t + [0] * (width - len(t)) for t in self.block_tables]),
             slot_mapping=tensor(self.slot_mapping),

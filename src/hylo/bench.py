@@ -8,6 +8,7 @@ HF transformers + PEFT on the same shape.
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import time
@@ -116,13 +117,15 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
                   max_model_len=max(prompt_len + new_tokens, 1024) + 8, max_num_seqs=max(batches + [prefill_tokens // 1024]))
         result["startup_s"] = time.perf_counter() - start
         engine = llm.llm_engine
+        if engine.executor.driver.graphs is not None:  # no local name for it: it must not outlive the engine below
+            result.update(graph_capture_s=engine.executor.driver.graphs.capture_s, graph_memory_bytes=engine.executor.driver.graphs.memory_bytes)
         total, active = weight_bytes(engine.model, engine.model_config)
         result.update(weight_bytes=total, active_weight_bytes=active, roofline_ms=1e3 * active / result["copy_bytes_per_s"])
         loras = []
         for i in range(max(adapters)):
             write_adapter(engine.model, engine.model_config, Path(tmp) / f"a{i}", rank, seed=i)
             loras.append(LoRARequest(f"a{i}", i + 1, str(Path(tmp) / f"a{i}")))
-        decode_ms(llm, 1, [], 16, 4)  # warm-up: kernels compiled and autotuned outside the timings
+        decode_ms(llm, max(1, len(loras)), loras, 16, 4)  # warm-up: kernels compiled, adapters read and in slots
         rows = []
         for n in adapters:
             for b in batches:
@@ -134,6 +137,8 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
             r["vs_base"] = r["ms_per_step"] / base[r["batch"]] if r["batch"] in base else None
             r["vs_roofline"] = r["ms_per_step"] / result["roofline_ms"]
         result["decode"] = rows
+        if loras:
+            result["adapter_swap"] = swap_ms(engine, loras[0].lora_int_id)
         n_prompts = max(1, prefill_tokens // 1024)
         decode_ms(llm, n_prompts, loras[:1], 1024, 1)  # warm-up: the prefill kernels compile for these shapes
         start = time.perf_counter()
@@ -143,12 +148,28 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
                              "matmul_fraction": 2 * (active // 2) * n_prompts * 1024 / seconds / result["bf16_flops_per_s"]}
         engine.shutdown()
         del llm, engine
+        gc.collect()  # the model's modules refer to each other (shared LoRA batch, tied weights): free them now
         torch.cuda.empty_cache()
         if hf:
             result["hf_peft"] = hf_peft_ms(folder, loras[:1], prompt_len, new_tokens)
     if out:
         out.write_text(json.dumps(result, indent=2))
     return result
+
+
+def swap_ms(engine, lora_id: int) -> dict:
+    """Writing a registered adapter (pinned host memory) into device slot 0, where the warm-up already put it: the
+    host's time to queue the copies (what a step waits for) and the time until the copies are done."""
+    driver = engine.executor.driver
+    slot = engine.lora.slot_lora.index(lora_id)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    driver.lora_load(slot, lora_id)
+    queued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    done = time.perf_counter() - start
+    size = sum(t.numel() * t.element_size() for tensors in driver.lora.images[lora_id].values() for t in tensors)
+    return {"queue_ms": 1e3 * queued, "copy_done_ms": 1e3 * done, "bytes": size}
 
 
 def hf_peft_ms(folder: Path, loras: list, prompt_len: int, new_tokens: int) -> dict:
@@ -180,10 +201,15 @@ def print_table(r: dict) -> None:
     print(f"copy {r['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {r['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, "
           f"weights {r['weight_bytes'] / 1e9:.1f} GB (read per token {r['active_weight_bytes'] / 1e9:.1f} GB), "
           f"roofline {r['roofline_ms']:.2f} ms/step, start-up {r['startup_s']:.1f} s")
+    if "graph_memory_bytes" in r:
+        print(f"decode CUDA graphs: captured in {r['graph_capture_s']:.1f} s, {r['graph_memory_bytes'] / 2**30:.2f} GiB")
     print("| batch | adapters | ms/step | tok/s | × own base | × roofline |\n|---|---|---|---|---|---|")
     for row in r["decode"]:
         vs_base = f"{row['vs_base']:.2f}" if row["vs_base"] else "–"
         print(f"| {row['batch']} | {row['adapters']} | {row['ms_per_step']:.2f} | {row['tokens_per_s']:.0f} | {vs_base} | {row['vs_roofline']:.2f} |")
+    if "adapter_swap" in r:
+        w = r["adapter_swap"]
+        print(f"adapter swap ({w['bytes'] / 2**20:.0f} MiB): queued in {w['queue_ms']:.2f} ms, copied in {w['copy_done_ms']:.2f} ms")
     p = r["prefill"]
     print(f"prefill, {p['tokens']} tokens with an adapter: {p['tokens_per_s']:.0f} tok/s = {100 * p['matmul_fraction']:.0f}% of the bf16 matmul rate")
     if "hf_peft" in r:

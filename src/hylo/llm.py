@@ -34,6 +34,7 @@ class LLM:
         max_cpu_loras: int | None = None,
         block_size: int = 16,
         load_format: str = "safetensors",
+        enforce_eager: bool = False,
         progress: bool = True,
     ):
         config = EngineConfig(
@@ -53,6 +54,7 @@ class LLM:
             max_lora_rank=max_lora_rank,
             max_cpu_loras=max_cpu_loras,
             load_format=load_format,
+            enforce_eager=enforce_eager,
         )
         self.llm_engine = LLMEngine(config, progress=progress)
         self._ids = itertools.count()

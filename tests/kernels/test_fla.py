@@ -19,16 +19,17 @@ def inputs(lengths, contexts, dtype, hk=4, hv=8, d=64):
     dev = torch.device("cuda")
     q, k = torch.randn(n, hk, d, device=dev, dtype=dtype), torch.randn(n, hk, d, device=dev, dtype=dtype)
     v = torch.randn(n, hv, d, device=dev, dtype=dtype)
-    g, beta = -torch.rand(n, hv, device=dev) * 0.5, torch.rand(n, hv, device=dev, dtype=dtype)
+    a, b = torch.randn(n, hv, device=dev, dtype=dtype), torch.randn(n, hv, device=dev, dtype=dtype)
+    a_log, dt_bias = torch.randn(hv, device=dev, dtype=dtype) * 0.5, torch.randn(hv, device=dev, dtype=dtype)
     m = len(lengths)
     step = StepInput([0] * n, [0] * n, list(lengths), list(contexts), torch.randperm(16)[:m].tolist(), [[0]] * m, [0] * n, [n - 1], [-1] * m)
-    return (q, k, v, g, beta), step.to_batch(dev)
+    return (q, k, v, a, b, a_log, dt_bias), step.to_batch(dev)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 3e-3), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("lengths, contexts", [([37, 1, 200, 64], [0, 5, 0, 12]), ([1, 1, 1], [3, 9, 40])], ids=["prefill", "decode"])
 def test_fla_equals_reference(lengths, contexts, dtype, tol):
-    from hylo.kernels.fla_gdn import gated_delta_rule
+    from hylo.kernels.gpu import gated_delta_rule  # prefill: fla-core's chunked kernel; decode: hylo's Triton step
 
     torch.manual_seed(0)
     args, batch = inputs(lengths, contexts, dtype)

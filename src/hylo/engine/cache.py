@@ -35,13 +35,25 @@ class FreeList:
 
 @dataclass(frozen=True)
 class CachePlan:
+    """`num_blocks` KV blocks and `num_slots` GDN state slots for sequences, plus one more of each that no
+    sequence gets: the rows a CUDA graph pads a batch with write there (`pad_block`, `pad_slot`)."""
+
     num_blocks: int
     num_slots: int
+
+    @property
+    def pad_block(self) -> int:
+        return self.num_blocks
+
+    @property
+    def pad_slot(self) -> int:
+        return self.num_slots
 
     @staticmethod
     def fit(shapes: CacheShapes, budget: int, block_size: int, max_model_len: int, max_num_seqs: int, dtype: torch.dtype) -> CachePlan:
         """GDN slots for up to max_num_seqs sequences (at most half the budget), KV blocks from the rest."""
         block, slot = shapes.block_bytes(block_size, dtype), shapes.slot_bytes(dtype)
+        budget -= block + slot  # the padding block and slot
         blocks_per_seq = -(-max_model_len // block_size)
         num_slots = min(max_num_seqs, max(1, budget // 2 // max(slot, 1)))
         num_blocks = (budget - num_slots * slot) // max(block, 1) if block else blocks_per_seq * num_slots
@@ -62,7 +74,7 @@ class CachePlan:
     def allocate(self, shapes: CacheShapes, block_size: int, dtype: torch.dtype, device: torch.device) -> CacheTensors:
         s = shapes
         return CacheTensors(
-            kv=[torch.zeros(2, self.num_blocks, block_size, s.kv_heads, s.head_dim, dtype=dtype, device=device) for _ in range(s.num_attention_layers)],
-            conv=[torch.zeros(self.num_slots, s.conv_channels, s.conv_width, dtype=dtype, device=device) for _ in range(s.num_gdn_layers)],
-            recurrent=[torch.zeros(self.num_slots, s.value_heads, s.k_dim, s.v_dim, dtype=torch.float32, device=device) for _ in range(s.num_gdn_layers)],
+            kv=[torch.zeros(2, self.num_blocks + 1, block_size, s.kv_heads, s.head_dim, dtype=dtype, device=device) for _ in range(s.num_attention_layers)],
+            conv=[torch.zeros(self.num_slots + 1, s.conv_channels, s.conv_width, dtype=dtype, device=device) for _ in range(s.num_gdn_layers)],
+            recurrent=[torch.zeros(self.num_slots + 1, s.value_heads, s.k_dim, s.v_dim, dtype=torch.float32, device=device) for _ in range(s.num_gdn_layers)],
         )

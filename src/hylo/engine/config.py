@@ -29,6 +29,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     load_format: str = "safetensors"  # or "dummy": random weights, for benchmarks
+    enforce_eager: bool = False  # CUDA: run decode steps op by op instead of replaying captured graphs
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
-        self.tokenizer = tokenizer
+        # A fast tokenizer's Rust backend gives the same text without transformers' per-call argument
+        # conversion, which costs more than the decoding itself at every step of every sequence.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        plain = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self.tokenizer = backend if plain else tokenizer
         self.skip = skip_special_tokens
         self.ids = list(prompt_ids[-6:])  # a little prompt context so a first token's leading space decodes right
         self.prefix_offset = 0

@@ -110,7 +110,7 @@ class Executor:
             self.plan = CachePlan.fit(
                 self.driver.shapes, budget, config.block_size, max_model_len, config.max_num_seqs, dtype
             )
-            self.call("allocate", self.plan)
+            self.call("allocate", self.plan, max_model_len)
         except BaseException:
             self.shutdown()
             raise

@@ -9,6 +9,7 @@ from hylo.config import ModelConfig
 from hylo.distributed import TPGroup
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
+from hylo.engine.cuda_graphs import DecodeGraphs
 from hylo.kernels import select_ops
 from hylo.loader import init_dummy_weights, load_weights
 from hylo.lora.request import LoRARequest
@@ -41,6 +42,7 @@ class ModelWorker:
             self.lora = AdapterStore(self.model, model_config, config.max_loras, config.max_lora_rank, tp)
         self.shapes = self.model.cache_shapes()
         self.caches = None
+        self.graphs = None
 
     def cache_budget(self) -> int:
         """Bytes this rank can give to KV blocks and GDN state."""
@@ -55,12 +57,18 @@ class ModelWorker:
         activations = 6 * self.config.max_num_batched_tokens * widest * 4 + 3 * self.config.max_num_seqs * text.vocab_size * 4
         return int(self.config.gpu_memory_utilization * total - (total - free) - activations)
 
-    def allocate(self, plan: CachePlan) -> None:
+    def allocate(self, plan: CachePlan, max_model_len: int) -> None:
         self.caches = plan.allocate(self.shapes, self.config.block_size, self.dtype, self.device)
+        # MoE layers route on the host (a Python loop over the experts hit), which a graph cannot hold.
+        if self.device.type == "cuda" and not self.config.enforce_eager and not self.model_config.is_moe:
+            self.graphs = DecodeGraphs(self.model, self.caches, self.lora, plan, self.config.block_size, self.config.max_num_seqs,
+                                       -(-max_model_len // self.config.block_size), self.device)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """Logits [sampled sequences, vocab] in float32 (every rank computes them; the driver samples)."""
+        if self.graphs is not None and self.graphs.fits(step):
+            return self.graphs.run(step)
         batch = step.to_batch(self.device)
         if self.lora is not None:
             self.lora.set_step(step.lora_slots, step.query_lens, self.device)

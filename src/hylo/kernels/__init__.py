@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from hylo.kernels import batched, reference
+from hylo.kernels import gpu, reference
 
 
 @dataclass(frozen=True)
@@ -16,16 +15,18 @@ class Ops:
     paged_attention: Callable
     causal_conv1d: Callable
     gated_delta_rule: Callable
+    rms_norm: Callable
+    gated_rms_norm: Callable
+    norm_rope: Callable
 
 
 def select_ops(device: torch.device) -> Ops:
-    """CPU: the torch reference (the oracle for every faster kernel). CUDA: batched torch decode paths,
-    and fla-core's gated-delta-rule kernels when the `cuda` extra is installed."""
+    """CPU: the torch reference (the oracle for every faster kernel). CUDA: Triton kernels for decode steps and
+    norms, SDPA and fla-core (the `cuda` extra) for prefill."""
     if device.type != "cuda":
-        return Ops(reference.paged_attention, reference.causal_conv1d, reference.gated_delta_rule)
-    gdn = reference.gated_delta_rule
-    if importlib.util.find_spec("fla") is not None:
-        from hylo.kernels import fla_gdn
+        return Ops(reference.paged_attention, reference.causal_conv1d, reference.gated_delta_rule, reference.rms_norm,
+                   reference.gated_rms_norm, reference.norm_rope)
+    from hylo.kernels import triton_norms
 
-        gdn = fla_gdn.gated_delta_rule
-    return Ops(batched.paged_attention, batched.causal_conv1d, gdn)
+    return Ops(gpu.paged_attention, gpu.causal_conv1d, gpu.gated_delta_rule, triton_norms.rms_norm, triton_norms.gated_rms_norm,
+               triton_norms.norm_rope)

@@ -71,11 +71,51 @@ def causal_conv1d(
     return out
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Qwen3.5's RMSNorm (zero-centred weight: x·(1+w)) in float32; with a residual, also returns x + residual."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
+    return out if residual is None else (out, x)
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Attention's per-head q/k norm, then partial rotary: the first 2·len(inv_freq) channels of each head
+    rotate by position (cos/sin in float32, cast like the reference), the rest pass through. x: [tokens, heads, D]."""
+    x = rms_norm(x, weight, eps)
+    rotary_dim = 2 * inv_freq.numel()
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+    rot, keep = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, keep), dim=-1)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """GDN's output norm per head: weight·norm(x) (weight stored as is), times silu(gate) in float32."""
+    xf = x.float()
+    out = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (out * F.silu(gate.float())).to(x.dtype)
+
+
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def gated_delta_rule(
+def gdn_gates(a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDN's per-head gates from the projections a and b: g (log of the state decay, float32) and beta."""
+    return -a_log.float().exp() * F.softplus(a.float() + dt_bias), b.sigmoid()
+
+
+def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The Ops entry: gates from a, b (each [tokens, v_heads]) and the layer's A_log, dt_bias, then `delta_rule`."""
+    return delta_rule(q, k, v, *gdn_gates(a, b, a_log, dt_bias), states, batch)
+
+
+def delta_rule(
     q: torch.Tensor,  # [tokens, k_heads, k_dim]
     k: torch.Tensor,  # [tokens, k_heads, k_dim]
     v: torch.Tensor,  # [tokens, v_heads, v_dim]

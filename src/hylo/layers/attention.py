@@ -33,8 +33,8 @@ class GatedAttention(nn.Module):
             owner,
         )
         self.o_proj = RowLinear(Proj("o_proj", (heads("o_proj", num_q, d),)), cfg.hidden_size, tp, owner)
-        self.q_norm = RMSNorm("q_norm", d, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm("k_norm", d, cfg.rms_norm_eps)
+        self.q_norm = RMSNorm("q_norm", d, cfg.rms_norm_eps, ops)
+        self.k_norm = RMSNorm("k_norm", d, cfg.rms_norm_eps, ops)
         rope = cfg.rope_parameters
         self.rotary = Rotary(d, rope.get("partial_rotary_factor", 1.0), rope["rope_theta"])
         self.ops = ops
@@ -45,10 +45,9 @@ class GatedAttention(nn.Module):
         query_gate, k, v = self.qkv(x)
         query_gate = query_gate.view(tokens, -1, 2 * d)  # [tokens, heads, query | gate]
         q, gate = query_gate[..., :d], query_gate[..., d:]
-        q = self.q_norm(q)
-        k = self.k_norm(k.view(tokens, -1, d))
-        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        inv_freq = self.rotary.inv_freq
+        q = self.ops.norm_rope(q, self.q_norm.weight, self.q_norm.eps, batch.positions, inv_freq)
+        k = self.ops.norm_rope(k.view(tokens, -1, d), self.k_norm.weight, self.k_norm.eps, batch.positions, inv_freq)
         out = self.ops.paged_attention(q, k, v.view(tokens, -1, d), kv_cache, batch, self.scale)
         out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(tokens, -1))

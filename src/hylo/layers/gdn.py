@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hylo.batch import Batch
@@ -57,7 +56,7 @@ class GatedDeltaNet(nn.Module):
             tp,
             owner,
         )
-        self.norm = GatedRMSNorm("norm", dv, cfg.rms_norm_eps)
+        self.norm = GatedRMSNorm("norm", dv, cfg.rms_norm_eps, ops)
         self.out_proj = RowLinear(Proj("out_proj", (heads("out_proj", num_v, dv),)), cfg.hidden_size, tp, owner)
         self.key_dim = local_total(qkv[:1], tp.size)
         self.dk, self.dv = dk, dv
@@ -69,10 +68,9 @@ class GatedDeltaNet(nn.Module):
         conv_weight = self.headwise.conv1d_weight[:, 0, :]  # [channels, kernel]
         qkv = self.ops.causal_conv1d(qkv, conv_weight, conv_states, batch)
         q, k, v = qkv.split([self.key_dim, self.key_dim, qkv.shape[1] - 2 * self.key_dim], dim=-1)
-        beta = b.sigmoid()
-        g = -self.headwise.A_log.float().exp() * F.softplus(a.float() + self.headwise.dt_bias)
         out = self.ops.gated_delta_rule(
-            q.view(tokens, -1, self.dk), k.view(tokens, -1, self.dk), v.view(tokens, -1, self.dv), g, beta, states, batch
+            q.view(tokens, -1, self.dk), k.view(tokens, -1, self.dk), v.view(tokens, -1, self.dv), a, b,
+            self.headwise.A_log, self.headwise.dt_bias, states, batch,
         )  # [tokens, value heads, dv]
         out = self.norm(out, z.view(tokens, -1, self.dv))
         return self.out_proj(out.reshape(tokens, -1))

@@ -21,6 +21,7 @@ class LoRABatch:
 
     token_slots: torch.Tensor | None = None  # [tokens], -1 = no adapter
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, its token indices)
+    per_token: bool = False  # decode on CUDA: one BGMV launch pair reads `token_slots` (graph-safe); else per group
 
 
 def write_lora_part(
@@ -69,20 +70,29 @@ class LoRALinear:
             (p.offset, p.offset + sum(b.local_size(tp_size) for b in p.blocks)) if p.splits_output else (0, out_local)
             for p in parts
         ]
+        self.lora_row_part = torch.full((out_local,), -1, dtype=torch.int32, device=self.weight.device)
+        for index, (start, stop) in enumerate(self.lora_rows):
+            self.lora_row_part[start:stop] = index
 
-    def lora_views(self, slot: int, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+    def lora_slot(self, slot: int) -> list[torch.Tensor]:
+        """The tensors holding one slot (an adapter's whole share of this layer)."""
+        return [self.lora_a[slot], self.lora_b[slot]]
+
+    def lora_views(self, tensors: list[torch.Tensor], part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where `part`'s A and B go inside one slot's tensors (`lora_slot`, or a host copy shaped like it)."""
         index = [p.key for p in self.lora_parts()].index(part.key)
-        return self.lora_a[slot, index], self.lora_b[slot]
-
-    def clear_lora(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        return tensors[0][index], tensors[1]
 
     def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y: the base output [tokens, out_local] (before any all-reduce); adds each token's adapter delta."""
-        if self.lora_a is None or not self.lora_batch.groups:
+        if self.lora_a is None:
             return y
-        from hylo.kernels.reference import lora_delta
+        if self.lora_batch.per_token:
+            from hylo.kernels.triton_lora import lora_bgmv
 
-        lora_delta(x, y, self.lora_a, self.lora_b, self.lora_rows, self.lora_batch.groups)
+            lora_bgmv(x, y, self.lora_a, self.lora_b, self.lora_row_part, self.lora_batch.token_slots)
+        elif self.lora_batch.groups:
+            from hylo.kernels.reference import lora_delta
+
+            lora_delta(x, y, self.lora_a, self.lora_b, self.lora_rows, self.lora_batch.groups)
         return y

@@ -59,22 +59,22 @@ class Experts(nn.Module):
         self.lora_a13, self.lora_b13 = zeros(2, max_rank, hidden), zeros(2 * local, max_rank)
         self.lora_a2, self.lora_b2 = zeros(1, max_rank, local), zeros(hidden, max_rank)
 
-    def lora_views(self, slot: int, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+    def lora_slot(self, slot: int) -> list[torch.Tensor]:
+        return [t[slot] for t in (self.lora_a13, self.lora_b13, self.lora_a2, self.lora_b2)]
+
+    def lora_views(self, tensors: list[torch.Tensor], part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        a13, b13, a2, b2 = tensors
         expert, name = part.module.split(".")[1:]
         e = int(expert)
         if name == "down_proj":
-            return self.lora_a2[slot, e, 0], self.lora_b2[slot, e]
-        return self.lora_a13[slot, e, 0 if name == "gate_proj" else 1], self.lora_b13[slot, e]
-
-    def clear_lora(self, slot: int) -> None:
-        for t in (self.lora_a13, self.lora_b13, self.lora_a2, self.lora_b2):
-            t[slot].zero_()
+            return a2[e, 0], b2[e]
+        return a13[e, 0 if name == "gate_proj" else 1], b13[e]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum."""
         out = torch.zeros_like(x)
         lora = getattr(self, "lora_batch", None)
-        lora_slots = lora.token_slots if lora is not None and lora.groups else None
+        lora_slots = lora.token_slots if lora is not None and (lora.groups or lora.per_token) else None
         for e in experts.unique().tolist():
             token, k = torch.where(experts == e)
             xs = x[token]

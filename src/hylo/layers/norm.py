@@ -3,35 +3,32 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from hylo.kernels import Ops
 from hylo.layers.parts import Part
 
 
 class RMSNorm(nn.Module):
     """Normalise in float32 and scale by (1 + weight), as the checkpoint stores weight around zero."""
 
-    def __init__(self, name: str, dim: int, eps: float):
+    def __init__(self, name: str, dim: int, eps: float, ops: Ops):
         super().__init__()
         self.name = name
         self.eps = eps
+        self.ops = ops
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def parts(self) -> list[Part]:
         return [Part(f"{self.name}.weight", self.weight)]
 
-    def normalized(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual, (norm(x + residual), x + residual) in one pass."""
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class GatedRMSNorm(RMSNorm):
     """GDN's output norm per value head: weight·norm(x) (weight stored as is), times silu(gate) in float32."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        out = self.weight * self.normalized(x).to(x.dtype)
-        return (out * F.silu(gate.float())).to(x.dtype)
+        return self.ops.gated_rms_norm(x, gate, self.weight, self.eps)

@@ -23,29 +23,55 @@ class AdapterStore:
         self.layers = [m for m in model.modules() if hasattr(m, "lora_parts") and m.lora_parts()]
         for layer in self.layers:
             layer.enable_lora(max_loras, max_rank, self.batch, tp.size)
-        self.adapters: dict[int, Adapter] = {}
+        self.images: dict[int, dict[nn.Module, list[torch.Tensor]]] = {}
 
+    @torch.no_grad()
     def register(self, request: LoRARequest) -> None:
-        """Read and validate the adapter's folder (AdapterError if refused) and keep it in host memory."""
-        self.adapters[request.lora_int_id] = read_adapter(request, self.model, self.model_config, self.max_rank)
+        """Read and validate the adapter's folder (AdapterError if refused), then lay this rank's share out in host
+        memory exactly as a slot holds it (pinned on CUDA), so that loading it is one async copy per tensor."""
+        adapter: Adapter = read_adapter(request, self.model, self.model_config, self.max_rank)
+        pinned = next(self.model.parameters()).is_cuda
+        image: dict[nn.Module, list[torch.Tensor]] = {}
+        for name, (a, b) in adapter.weights.items():
+            target = self.targets[name]
+            if target.layer not in image:
+                image[target.layer] = [torch.zeros(t.shape, dtype=t.dtype, pin_memory=pinned) for t in target.layer.lora_slot(0)]
+            a_view, b_view = target.layer.lora_views(image[target.layer], target.part)
+            write_lora_part(target.part, a_view, b_view, a.to(a_view.dtype), b.to(b_view.dtype), self.tp.rank, self.tp.size)
+        self.images[request.lora_int_id] = image
 
     def forget(self, lora_id: int) -> None:
-        self.adapters.pop(lora_id, None)
+        self.images.pop(lora_id, None)
 
     @torch.no_grad()
     def load(self, slot: int, lora_id: int) -> None:
-        self.clear(slot)
-        for name, (a, b) in self.adapters[lora_id].weights.items():
-            target = self.targets[name]
-            a_view, b_view = target.layer.lora_views(slot, target.part)
-            write_lora_part(target.part, a_view, b_view, a.to(a_view), b.to(b_view), self.tp.rank, self.tp.size)
+        """Queued on the compute stream, so the next step sees the adapter without the host waiting for the copy."""
+        image = self.images[lora_id]
+        for layer in self.layers:
+            if layer in image:
+                for device, host in zip(layer.lora_slot(slot), image[layer]):
+                    device.copy_(host, non_blocking=True)
+            else:
+                for device in layer.lora_slot(slot):
+                    device.zero_()
 
     def clear(self, slot: int) -> None:
         for layer in self.layers:
-            layer.clear_lora(slot)
+            for tensor in layer.lora_slot(slot):
+                tensor.zero_()
 
     def set_step(self, lora_slots: list[int], query_lens: list[int], device: torch.device) -> None:
-        """Which slot each token uses this step; tokens of base-model sequences join no group (no LoRA work)."""
+        """Which slot each token uses this step; tokens of base-model sequences join no group (no LoRA work).
+
+        A CUDA decode step reads the slots per token in one kernel; other steps group tokens by slot
+        so that each group is two matmuls."""
         token_slots = torch.tensor(lora_slots, device=device).repeat_interleave(torch.tensor(query_lens, device=device))
         self.batch.token_slots = token_slots
-        self.batch.groups = [(s, torch.where(token_slots == s)[0]) for s in sorted(set(lora_slots) - {-1})]
+        self.batch.per_token = device.type == "cuda" and all(n == 1 for n in query_lens)
+        self.batch.groups = [] if self.batch.per_token else [(s, torch.where(token_slots == s)[0]) for s in sorted(set(lora_slots) - {-1})]
+
+    def use_static_slots(self, token_slots: torch.Tensor) -> None:
+        """A captured decode step: the slots live in the graph's input buffer, refilled before each replay."""
+        self.batch.token_slots = token_slots
+        self.batch.per_token = True
+        self.batch.groups = []

@@ -27,19 +27,21 @@ class DecoderLayer(nn.Module):
         super().__init__()
         owner = f"layers.{index}."
         self.is_linear = cfg.layer_types[index] == "linear_attention"
-        self.input_layernorm = RMSNorm("input_layernorm", cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm("input_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ops)
         if self.is_linear:
             self.linear_attn = GatedDeltaNet(cfg, tp, ops, owner + "linear_attn.")
         else:
             self.self_attn = GatedAttention(cfg, tp, ops, owner + "self_attn.")
-        self.post_attention_layernorm = RMSNorm("post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm("post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.mlp = SparseMoE(cfg, tp, owner + "mlp.") if moe else MLP(cfg.hidden_size, cfg.intermediate_size, tp, owner + "mlp.")
 
-    def forward(self, x: torch.Tensor, batch: Batch, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        h = self.input_layernorm(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: Batch, state: tuple[torch.Tensor, ...]):
+        """x: the previous layer's output, residual: the stream before it (None at the first layer). Each sum is
+        formed inside the next norm, one launch for both; returns (output, residual) the same way."""
+        h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
         h = self.linear_attn(h, batch, *state) if self.is_linear else self.self_attn(h, batch, *state)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class TextModel(nn.Module):
@@ -47,7 +49,7 @@ class TextModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding("embed_tokens", cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, moe, tp, ops) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm("norm", cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm("norm", cfg.hidden_size, cfg.rms_norm_eps, ops)
 
 
 class Qwen3_5ForCausalLM(nn.Module):
@@ -62,12 +64,13 @@ class Qwen3_5ForCausalLM(nn.Module):
 
     def forward(self, batch: Batch, caches: CacheTensors) -> torch.Tensor:
         """Hidden states after the final norm, for the tokens whose logits are needed: [sampled, hidden]."""
-        x = self.model.embed_tokens(batch.input_ids)
+        x, residual = self.model.embed_tokens(batch.input_ids), None
         kv, conv, rec = iter(caches.kv), iter(caches.conv), iter(caches.recurrent)
         for layer in self.model.layers:
             state = (next(conv), next(rec)) if layer.is_linear else (next(kv),)
-            x = layer(x, batch, state)
-        return self.model.norm(x[batch.logits_indices])
+            x, residual = layer(x, residual, batch, state)
+        rows = batch.logits_indices
+        return self.model.norm(x[rows], residual[rows])[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs (slower; for debugging)")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond this get 503")
     p.add_argument("--enable-lora", action="store_true")
     p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH")
@@ -53,7 +54,7 @@ def serve(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineConfig(
         model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         tensor_parallel_size=args.tensor_parallel_size, enable_lora=enable_lora, max_loras=args.max_loras,
-        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, enforce_eager=args.enforce_eager,
     ))
     state = ServerState(
         AsyncEngine(engine, args.max_waiting, Metrics()), args.served_model_name or Path(model).name, model, args.api_key,

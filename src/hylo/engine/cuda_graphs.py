@@ -1,0 +1,93 @@
+"""Decode steps replayed from CUDA graphs: a step of several hundred small kernels becomes one launch.
+
+One graph per batch size in `CAPTURE_SIZES` (up to max_num_seqs), all reading the same static input
+buffers and sharing one memory pool. A step of n sequences fills the first n rows and replays the
+smallest graph that holds them; the rows after n are padding that reads nothing and writes only the
+cache plan's spare block and slot. LoRA slots are a static input too, so loading or unloading an
+adapter (which rewrites slot contents in place) never needs a new capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from hylo.batch import Batch, StepInput
+from hylo.engine.cache import CachePlan
+from hylo.lora.store import AdapterStore
+from hylo.state import CacheTensors
+
+log = logging.getLogger("hylo")
+
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model, caches: CacheTensors, lora: AdapterStore | None, plan: CachePlan, block_size: int,
+                 max_seqs: int, max_blocks: int, device: torch.device):
+        self.model, self.caches, self.lora = model, caches, lora
+        self.sizes = [s for s in CAPTURE_SIZES if s < max_seqs] + [min(max_seqs, CAPTURE_SIZES[-1])]  # larger steps run eagerly
+        rows = self.sizes[-1]
+        self.padding = {"input_ids": 0, "positions": 0, "state_slots": plan.pad_slot, "slot_mapping": plan.pad_block * block_size,
+                        "seq_lens": 1, "lora_slots": -1}
+        # One buffer, one row per input, so a step's inputs arrive in one host-to-device copy.
+        self.packed = torch.tensor([[value] * rows for value in self.padding.values()], dtype=torch.long, device=device)
+        self.inputs = dict(zip(self.padding, self.packed))
+        self.block_tables = torch.zeros(rows, max_blocks, dtype=torch.long, device=device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Batch]] = {}
+        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
+        for n in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
+            self.graphs[n] = self._capture(n)
+        self.capture_s = time.perf_counter() - start
+        self.memory_bytes = free_before - torch.cuda.mem_get_info(device)[0]
+        log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s using %.2f GiB", len(self.sizes), self.sizes[0], rows,
+                 self.capture_s, self.memory_bytes / 2**30)
+
+    def _batch(self, n: int) -> Batch:
+        i = self.inputs
+        device = i["input_ids"].device
+        return Batch(
+            input_ids=i["input_ids"][:n], positions=i["positions"][:n], query_lens=[1] * n, context_lens=[1] * n,
+            cu_seqlens=torch.arange(n + 1, device=device), seq_lens=i["seq_lens"][:n], state_slots=i["state_slots"][:n],
+            block_tables=self.block_tables[:n], slot_mapping=i["slot_mapping"][:n], logits_indices=torch.arange(n, device=device),
+        )
+
+    def _forward(self, batch: Batch, n: int) -> torch.Tensor:
+        if self.lora is not None:
+            self.lora.use_static_slots(self.inputs["lora_slots"][:n])
+        return self.model.compute_logits(self.model(batch, self.caches))
+
+    def _capture(self, n: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Batch]:
+        batch = self._batch(n)
+        self._forward(batch, n)  # compiles and autotunes the kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(batch, n)
+        return graph, logits, batch
+
+    def fits(self, step: StepInput) -> bool:
+        return (
+            len(step.query_lens) <= self.sizes[-1]
+            and all(q == 1 for q in step.query_lens)
+            and all(c > 0 for c in step.context_lens)
+            and max(len(t) for t in step.block_tables) <= self.block_tables.shape[1]
+        )
+
+    def run(self, step: StepInput) -> torch.Tensor:
+        """Logits [seqs, vocab] of a decode step (a view into the graph's output: read before the next step)."""
+        n = len(step.query_lens)
+        size = next(s for s in self.sizes if s >= n)
+        pad = size - n
+        values = {"input_ids": step.input_ids, "positions": step.positions, "state_slots": step.state_slots,
+                  "slot_mapping": step.slot_mapping, "seq_lens": [c + 1 for c in step.context_lens], "lora_slots": step.lora_slots}
+        self.packed[:, :size].copy_(torch.tensor([values[name] + [self.padding[name]] * pad for name in self.inputs]))
+        width = max(len(t) for t in step.block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in step.block_tables], dtype=torch.long)
+        self.block_tables[:n, :width].copy_(tables)
+        graph, logits, _ = self.graphs[size]
+        graph.replay()
+        return logits[:n]

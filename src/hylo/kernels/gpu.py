@@ -1,0 +1,71 @@
+"""The CUDA path of each state-carrying operation: a decode step goes to the Triton kernels (graph-safe),
+a prefill to SDPA's fused causal kernel or fla-core's chunked gated delta rule, anything else to the reference.
+
+Triton and fla are imported at first use, so this module also imports where they are absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from hylo.batch import Batch
+from hylo.kernels import reference
+
+HAS_FLA = importlib.util.find_spec("fla") is not None
+
+
+def paged_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
+    if batch.is_decode:
+        from hylo.kernels.triton_decode import paged_attention_decode
+
+        return paged_attention_decode(q, k, v, kv_cache, batch, scale)
+    if all(c == 0 for c in batch.context_lens):
+        return prefill_from_empty(q, k, v, kv_cache, batch, scale)
+    return reference.paged_attention(q, k, v, kv_cache, batch, scale)
+
+
+def causal_conv1d(x, weight, conv_states, batch: Batch) -> torch.Tensor:
+    if batch.is_decode:
+        from hylo.kernels.triton_decode import conv_decode
+
+        return conv_decode(x, weight, conv_states, batch)
+    return reference.causal_conv1d(x, weight, conv_states, batch)
+
+
+def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch: Batch) -> torch.Tensor:
+    if batch.is_decode:
+        from hylo.kernels.triton_decode import gdn_decode
+
+        return gdn_decode(q, k, v, a, b, a_log, dt_bias, states, batch)
+    if not HAS_FLA:
+        return reference.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch)
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    g, beta = reference.gdn_gates(a, b, a_log, dt_bias)
+    slots = batch.state_slots
+    fresh = torch.tensor([c == 0 for c in batch.context_lens], device=q.device)
+    initial = states[slots].masked_fill(fresh[:, None, None, None], 0.0)  # [seqs, value_heads, k_dim, v_dim]
+    out, final = chunk_gated_delta_rule(
+        q[None], k[None], v[None], g=g[None], beta=beta[None].to(q.dtype),
+        initial_state=initial, output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=batch.cu_seqlens,
+    )
+    states[slots] = final.float()
+    return out[0]
+
+
+def prefill_from_empty(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
+    """Every sequence starts here: causal attention over its own tokens (SDPA's fused kernels), cache written."""
+    reference.write_kv(k, v, kv_cache, batch)
+    group = q.shape[1] // kv_cache.shape[3]
+    out = torch.empty_like(q)
+    starts = batch.cu_seqlens.tolist()
+    for i, n in enumerate(batch.query_lens):
+        s = slice(starts[i], starts[i] + n)
+        qi = q[s].transpose(0, 1)  # [heads, tokens, head_dim]
+        ki = k[s].repeat_interleave(group, dim=1).transpose(0, 1)
+        vi = v[s].repeat_interleave(group, dim=1).transpose(0, 1)
+        out[s] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(0, 1)
+    return out

@@ -1,0 +1,68 @@
+"""Multi-adapter LoRA for decode steps (BGMV-style, as in Punica and S-LoRA): each token reads its own slot's A and B.
+
+Two launches per layer whatever the number of adapters in the batch: the shrink computes x·Aᵀ for
+every part of a fused layer at once, the expand adds each part's rank slice times B into that
+part's output rows. Tokens with slot -1 (the base model) do no work. Slots are read from a device
+tensor, so the step can be captured in a CUDA graph; writing adapters into slots changes the data
+the graph reads, never its shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SHRINK_COLUMNS = 256  # input columns per shrink program
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, x_row, a_ptr, slots_ptr, s_ptr, in_features, parts,
+                   RANK: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr):
+    t = tl.program_id(0)
+    p = tl.program_id(1)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot >= 0:
+        r = tl.arange(0, RP)
+        cols = tl.program_id(2) * BK + tl.arange(0, BK)
+        cm = cols < in_features
+        x = tl.load(x_ptr + t * x_row + cols, mask=cm, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + ((slot * parts + p) * RANK + r[:, None]) * in_features + cols[None, :],
+                    mask=(r[:, None] < RANK) & cm[None, :], other=0.0).to(tl.float32)
+        tl.atomic_add(s_ptr + (t * parts + p) * RANK + r, tl.sum(a * x[None, :], axis=1), mask=r < RANK, sem="relaxed")
+
+
+@triton.jit
+def _expand_kernel(s_ptr, b_ptr, slots_ptr, row_part_ptr, y_ptr, y_row, out_features, parts,
+                   RANK: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot >= 0:
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        part = tl.load(row_part_ptr + rows, mask=rows < out_features, other=-1)
+        valid = part >= 0
+        r = tl.arange(0, RP)
+        m = valid[:, None] & (r[None, :] < RANK)
+        s = tl.load(s_ptr + (t * parts + part[:, None]) * RANK + r[None, :], mask=m, other=0.0)
+        b = tl.load(b_ptr + (slot * out_features + rows[:, None]) * RANK + r[None, :], mask=m, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + t * y_row + rows, mask=valid, other=0.0)
+        tl.store(y_ptr + t * y_row + rows, (y.to(tl.float32) + tl.sum(s * b, axis=1)).to(y.dtype), mask=valid)
+
+
+def lora_bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_part: torch.Tensor, token_slots: torch.Tensor) -> None:
+    """y[t] += B[slot]·(A[slot]·x[t]) per part, in place. x [tokens, in]; y [tokens, out]; a [slots, parts, rank, in];
+    b [slots, out, rank] (scaling folded in); row_part [out]: the part each output row belongs to (-1: none)."""
+    tokens, in_features = x.shape
+    _, parts, rank, _ = a.shape
+    out_features = y.shape[1]
+    # Many small programs per token and part, each a slice of the input, summed atomically: at batch 1 a
+    # single program per part would read its whole A alone, far below the memory bandwidth.
+    shrunk = torch.zeros(tokens, parts, rank, dtype=torch.float32, device=x.device)
+    rp = triton.next_power_of_2(rank)
+    _shrink_kernel[(tokens, parts, triton.cdiv(in_features, SHRINK_COLUMNS))](
+        x, x.stride(0), a, token_slots, shrunk, in_features, parts, RANK=rank, RP=rp, BK=SHRINK_COLUMNS
+    )
+    block = 64
+    _expand_kernel[(tokens, triton.cdiv(out_features, block))](
+        shrunk, b, token_slots, row_part, y, y.stride(0), out_features, parts, RANK=rank, RP=rp, BN=block
+    )

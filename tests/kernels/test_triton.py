@@ -1,0 +1,139 @@
+"""Each Triton kernel against the torch reference: ragged decode batches, shuffled blocks and slots, mixed adapters.
+
+Marked `gpu`; they run on a CUDA device, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from hylo.kernels import reference
+from tests.kernels.test_kernels import decode_step
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs CUDA (or Triton's interpreter)")]
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEV).to(dtype)
+
+
+def close(got, ref, dtype):
+    torch.testing.assert_close(got.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter cannot loop to a loaded bound")
+def test_paged_decode_attention(dtype, block_size):
+    from hylo.kernels.triton_decode import paged_attention_decode
+
+    torch.manual_seed(0)
+    contexts = [1, 5, 70, 3, 33, 16]
+    step = decode_step(contexts, block_size=block_size)
+    batch = step.to_batch(DEV)
+    n = len(contexts)
+    # q as the strided view the layer passes: [tokens, heads, query | gate]
+    q = rand(n, 8, 2 * 32, dtype=dtype)[..., :32]
+    k, v = rand(n, 2, 32, dtype=dtype), rand(n, 2, 64, dtype=dtype)[..., :32]
+    cache = rand(2, 128, block_size, 2, 32, dtype=dtype)
+    ref_cache = cache.clone()
+    got = paged_attention_decode(q, k, v, cache, batch, 0.2)
+    ref = reference.paged_attention(q, k, v, ref_cache, batch, 0.2)
+    assert torch.equal(cache, ref_cache)
+    close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_decode(dtype):
+    from hylo.kernels.triton_decode import conv_decode
+
+    torch.manual_seed(1)
+    batch = decode_step([2, 9, 1, 4]).to_batch(DEV)
+    x = rand(4, 600, dtype=dtype)[:, :300]  # a row view of the fused projection
+    w = rand(300, 4, dtype=dtype)
+    states = rand(8, 300, 3, dtype=dtype)
+    ref_states = states.clone()
+    close(conv_decode(x, w, states, batch), reference.causal_conv1d(x, w, ref_states, batch), dtype)
+    close(states, ref_states, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gdn_decode(dtype):
+    from hylo.kernels.triton_decode import gdn_decode
+
+    torch.manual_seed(2)
+    n, hk, hv, dk, dv = 3, 2, 4, 32, 64
+    batch = decode_step([3, 9, 40]).to_batch(DEV)
+    conv = rand(n, 2 * hk * dk + hv * dv, dtype=dtype)  # q, k, v are row views of the conv output
+    q, k, v = conv[:, : hk * dk].view(n, hk, dk), conv[:, hk * dk : 2 * hk * dk].view(n, hk, dk), conv[:, 2 * hk * dk :].view(n, hv, dv)
+    ab = rand(n, 3 * hv, dtype=dtype)
+    a, b = ab[:, :hv], rand(n, hv, dtype=dtype)  # one a row view, one tensor of its own: their strides differ
+    q = q.contiguous()  # and q's row stride differs from k's and v's
+    a_log, dt_bias = rand(hv, dtype=dtype) * 0.5, rand(hv, dtype=dtype)
+    states = rand(8, hv, dk, dv) * 0.1
+    ref_states = states.clone()
+    got = gdn_decode(q, k, v, a, b, a_log, dt_bias, states, batch)
+    ref = reference.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, ref_states, batch)
+    close(got, ref, dtype)
+    close(states, ref_states, dtype)  # bf16: the reference rounds beta to bf16, the kernel keeps it in float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norms(dtype):
+    from hylo.kernels import triton_norms
+
+    torch.manual_seed(3)
+    x, r, w = rand(5, 96, dtype=dtype), rand(5, 96, dtype=dtype), rand(96, dtype=dtype)
+    got, got_sum = triton_norms.rms_norm(x, w, 1e-6, r)
+    ref, ref_sum = reference.rms_norm(x, w, 1e-6, r)
+    if DEV.type == "cuda" or dtype == torch.float32:  # the interpreter truncates to bf16 instead of rounding
+        assert torch.equal(got_sum, ref_sum)
+    close(got, ref, dtype)
+    heads = rand(5, 4, 2 * 16, dtype=dtype)[..., :16]  # q_norm's input: a strided view per head
+    wh = rand(16, dtype=dtype)
+    close(triton_norms.rms_norm(heads, wh, 1e-6), reference.rms_norm(heads, wh, 1e-6), dtype)
+    z = rand(5, 3 * 64, dtype=dtype)[:, 64:128].view(5, 4, 16)  # the gate: a row view of the fused projection
+    close(triton_norms.gated_rms_norm(heads.contiguous(), z, wh, 1e-6), reference.gated_rms_norm(heads.contiguous(), z, wh, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_bgmv_equals_grouped_matmuls(dtype):
+    """Mixed slots, base-model tokens (-1), a slot used by no token, rank below the maximum, and three parts."""
+    from hylo.kernels.triton_lora import lora_bgmv
+
+    torch.manual_seed(4)
+    slots, parts, max_rank, in_f, rows = 4, 3, 16, 1500, [(0, 40), (40, 100), (100, 230)]
+    a, b = torch.zeros(slots, parts, max_rank, in_f, device=DEV, dtype=dtype), torch.zeros(slots, 230, max_rank, device=DEV, dtype=dtype)
+    for s, rank in [(0, 16), (1, 8), (3, 5)]:  # slot 2 stays empty
+        a[s, :, :rank] = rand(parts, rank, in_f, dtype=dtype) * 0.05
+        b[s, :, :rank] = rand(230, rank, dtype=dtype)
+    token_slots = torch.tensor([1, -1, 0, 3, 1, -1, 0], device=DEV)
+    x, y = rand(7, in_f, dtype=dtype), rand(7, 230, dtype=dtype)
+    row_part = torch.full((230,), -1, dtype=torch.int32, device=DEV)
+    for i, (start, stop) in enumerate(rows):
+        row_part[start:stop] = i
+    ref = y.clone()
+    groups = [(s, torch.where(token_slots == s)[0]) for s in (0, 1, 3)]
+    reference.lora_delta(x.float(), ref_f := ref.float(), a.float(), b.float(), rows, groups)
+    lora_bgmv(x, y, a, b, row_part, token_slots)
+    close(y, ref_f, dtype)
+    assert torch.equal(y[1], ref[1]) and torch.equal(y[5], ref[5])  # base-model tokens untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_rope(dtype):
+    """Per-head norm then partial rotary, on the strided query view and at scattered positions."""
+    from hylo.kernels import triton_norms
+
+    torch.manual_seed(5)
+    x = rand(6, 4, 2 * 64, dtype=dtype)[..., :64]
+    w = rand(64, dtype=dtype)
+    positions = torch.tensor([0, 3, 17, 250, 1000, 4095], device=DEV)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float, device=DEV) / 16))  # rotary_dim 16 of 64
+    close(triton_norms.norm_rope(x, w, 1e-6, positions, inv_freq), reference.norm_rope(x, w, 1e-6, positions, inv_freq), dtype)
