@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from hylo.batch import StepInput
@@ -16,6 +18,7 @@ from hylo.lora.request import LoRARequest
 from hylo.lora.store import AdapterStore
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
 
+log = logging.getLogger("hylo")
 CPU_CACHE_BYTES = 1 << 30  # default state budget per rank on CPU, where no device memory tells us a size
 
 
@@ -59,8 +62,16 @@ class ModelWorker:
 
     def allocate(self, plan: CachePlan, max_model_len: int) -> None:
         self.caches = plan.allocate(self.shapes, self.config.block_size, self.dtype, self.device)
-        # MoE layers route on the host (a Python loop over the experts hit), which a graph cannot hold.
-        if self.device.type == "cuda" and not self.config.enforce_eager and not self.model_config.is_moe:
+        if self.device.type != "cuda":
+            return
+        # MoE layers route on the host (a Python loop over the experts hit), which a graph cannot hold; NCCL
+        # collectives inside a captured graph have not yet run on several GPUs here, so TP>1 stays eager.
+        eager = [why for why, yes in (("enforce_eager", self.config.enforce_eager), ("an MoE model", self.model_config.is_moe),
+                                      ("tensor_parallel_size > 1", self.tp.size > 1)) if yes]
+        if eager:
+            if self.tp.rank == 0:
+                log.info("decode steps run eagerly (no CUDA graphs): %s", ", ".join(eager))
+        else:
             self.graphs = DecodeGraphs(self.model, self.caches, self.lora, plan, self.config.block_size, self.config.max_num_seqs,
                                        -(-max_model_len // self.config.block_size), self.device)
 
