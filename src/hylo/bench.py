@@ -39,13 +39,15 @@ def write_config(shape: str, folder: Path) -> Path:
 
 
 def write_adapter(model, model_config, folder: Path, rank: int, seed: int) -> None:
-    """A random rank-`rank` PEFT adapter on every text target of the model, as PEFT would name it."""
+    """A random rank-`rank` PEFT adapter on every text target of the model (each routed expert included), as PEFT
+    would name it."""
     from hylo.lora.adapter import lora_targets
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, target in lora_targets(model).items():
-        if target.part.lora != "module":
+        # Routed experts as PEFT's per-expert modules; only the 12 target names (PEFT would refuse the rest).
+        if target.part.lora not in ("module", "expert") or name.rpartition(".")[2] not in TARGETS:
             continue
         out_features, in_features = target.part.full_shape()[:2]
         peft = "base_model.model." + model_config.checkpoint_prefix + name[len("model."):]

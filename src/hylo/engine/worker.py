@@ -64,10 +64,8 @@ class ModelWorker:
         self.caches = plan.allocate(self.shapes, self.config.block_size, self.dtype, self.device)
         if self.device.type != "cuda":
             return
-        # MoE layers route on the host (a Python loop over the experts hit), which a graph cannot hold; NCCL
-        # collectives inside a captured graph have not yet run on several GPUs here, so TP>1 stays eager.
-        eager = [why for why, yes in (("enforce_eager", self.config.enforce_eager), ("an MoE model", self.model_config.is_moe),
-                                      ("tensor_parallel_size > 1", self.tp.size > 1)) if yes]
+        # NCCL collectives inside a captured graph have not yet run on several GPUs here, so TP>1 stays eager.
+        eager = [why for why, yes in (("enforce_eager", self.config.enforce_eager), ("tensor_parallel_size > 1", self.tp.size > 1)) if yes]
         if eager:
             if self.tp.rank == 0:
                 log.info("decode steps run eagerly (no CUDA graphs): %s", ", ".join(eager))

@@ -18,6 +18,7 @@ class Ops:
     rms_norm: Callable
     gated_rms_norm: Callable
     norm_rope: Callable
+    routed_experts: Callable
 
 
 def select_ops(device: torch.device) -> Ops:
@@ -25,8 +26,8 @@ def select_ops(device: torch.device) -> Ops:
     norms, SDPA and fla-core (the `cuda` extra) for prefill."""
     if device.type != "cuda":
         return Ops(reference.paged_attention, reference.causal_conv1d, reference.gated_delta_rule, reference.rms_norm,
-                   reference.gated_rms_norm, reference.norm_rope)
+                   reference.gated_rms_norm, reference.norm_rope, reference.routed_experts)
     from hylo.kernels import triton_norms
 
     return Ops(gpu.paged_attention, gpu.causal_conv1d, gpu.gated_delta_rule, triton_norms.rms_norm, triton_norms.gated_rms_norm,
-               triton_norms.norm_rope)
+               triton_norms.norm_rope, gpu.routed_experts)

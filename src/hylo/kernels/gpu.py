@@ -15,6 +15,7 @@ from hylo.batch import Batch
 from hylo.kernels import reference
 
 HAS_FLA = importlib.util.find_spec("fla") is not None
+PAIR_TOKENS = 256  # the largest captured decode batch (engine/cuda_graphs.py)
 
 
 def paged_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
@@ -54,6 +55,16 @@ def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch: Batch) -> tor
     )
     states[slots] = final.float()
     return out[0]
+
+
+def routed_experts(layer, x, weights, experts) -> torch.Tensor:
+    """Up to `PAIR_TOKENS` tokens (every decode step a graph holds): per-pair Triton GEMVs; larger batches group
+    tokens by expert on the host, so each expert is one matmul."""
+    if x.shape[0] <= PAIR_TOKENS:
+        from hylo.kernels.triton_moe import routed_experts as per_pair
+
+        return per_pair(layer, x, weights, experts)
+    return reference.routed_experts(layer, x, weights, experts)
 
 
 def prefill_from_empty(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:

@@ -198,3 +198,31 @@ def lora_delta(
         shrink = xs @ a[slot].reshape(-1, a.shape[-1]).t()  # [n, parts * rank]
         for j, (start, stop) in enumerate(rows):
             y[tokens, start:stop] += shrink[:, j * rank : (j + 1) * rank] @ b[slot, start:stop].t()
+
+
+def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """An MoE layer's routed experts (`layers.moe.Experts`: w13, w2 and their LoRA slots), one expert at a time over
+    the tokens that chose it. x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum."""
+    out = torch.zeros_like(x)
+    lora = getattr(layer, "lora_batch", None)
+    lora_slots = lora.token_slots if lora is not None and (lora.groups or lora.per_token) else None
+    rows = [(0, layer.local), (layer.local, 2 * layer.local)]
+    for e in experts.unique().tolist():
+        token, k = torch.where(experts == e)
+        xs = x[token]
+        gate_up = F.linear(xs, layer.w13[e])
+        groups = _slot_groups(lora_slots[token]) if lora_slots is not None else []
+        if groups:
+            lora_delta(xs, gate_up, layer.lora_a13[:, e], layer.lora_b13[:, e], rows, groups)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        y = F.linear(h, layer.w2[e])
+        if groups:
+            lora_delta(h, y, layer.lora_a2[:, e], layer.lora_b2[:, e], [(0, y.shape[1])], groups)
+        out.index_add_(0, token, (y * weights[token, k, None]).to(out.dtype))
+    return out
+
+
+def _slot_groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(slot, positions) for each adapter slot among these tokens."""
+    return [(s, torch.where(slots == s)[0]) for s in slots.unique().tolist() if s >= 0]

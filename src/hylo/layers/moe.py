@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hylo.distributed import TPGroup
-from hylo.kernels.reference import lora_delta
+from hylo.kernels import Ops
 from hylo.layers.linear import ReplicatedLinear
 from hylo.layers.lora import LoRABatch
 from hylo.layers.mlp import MLP
@@ -22,9 +21,10 @@ class Experts(nn.Module):
     loader requires that every expert be filled exactly once, whichever form the checkpoint has.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, tp: TPGroup, owner: str):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, tp: TPGroup, ops: Ops, owner: str):
         super().__init__()
         self.num_experts = num_experts
+        self.ops = ops
         self.gate = Block("gate_proj", intermediate)
         self.up = Block("up_proj", intermediate)
         self.down = Block("down_proj", intermediate)
@@ -58,6 +58,10 @@ class Experts(nn.Module):
         self.lora_batch = batch
         self.lora_a13, self.lora_b13 = zeros(2, max_rank, hidden), zeros(2 * local, max_rank)
         self.lora_a2, self.lora_b2 = zeros(1, max_rank, local), zeros(hidden, max_rank)
+        # The BGMV kernel's row → part maps: gate rows, then up rows; down_proj is one part.
+        device = self.w13.device
+        self.lora_row_part13 = torch.cat([torch.zeros(local, dtype=torch.int32, device=device), torch.ones(local, dtype=torch.int32, device=device)])
+        self.lora_row_part2 = torch.zeros(hidden, dtype=torch.int32, device=device)
 
     def lora_slot(self, slot: int) -> list[torch.Tensor]:
         return [t[slot] for t in (self.lora_a13, self.lora_b13, self.lora_a2, self.lora_b2)]
@@ -72,39 +76,17 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum."""
-        out = torch.zeros_like(x)
-        lora = getattr(self, "lora_batch", None)
-        lora_slots = lora.token_slots if lora is not None and (lora.groups or lora.per_token) else None
-        for e in experts.unique().tolist():
-            token, k = torch.where(experts == e)
-            xs = x[token]
-            gate_up = F.linear(xs, self.w13[e])
-            groups = _groups(lora_slots[token]) if lora_slots is not None else []
-            if groups:
-                rows = [(0, self.local), (self.local, 2 * self.local)]
-                lora_delta(xs, gate_up, self.lora_a13[:, e], self.lora_b13[:, e], rows, groups)
-            gate, up = gate_up.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-            y = F.linear(h, self.w2[e])
-            if groups:
-                lora_delta(h, y, self.lora_a2[:, e], self.lora_b2[:, e], [(0, y.shape[1])], groups)
-            out.index_add_(0, token, (y * weights[token, k, None]).to(out.dtype))
-        return out
-
-
-def _groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(slot, positions) for each adapter slot among these tokens."""
-    return [(s, torch.where(slots == s)[0]) for s in slots.unique().tolist() if s >= 0]
+        return self.ops.routed_experts(self, x, weights, experts)
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, cfg, tp: TPGroup, owner: str):
+    def __init__(self, cfg, tp: TPGroup, ops: Ops, owner: str):
         super().__init__()
         self.tp = tp
         self.top_k = cfg.num_experts_per_tok
         # PEFT cannot wrap the router (not an nn.Linear in the reference), so it takes no LoRA here either.
         self.gate = ReplicatedLinear("gate", cfg.hidden_size, cfg.num_experts, lora=False)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, tp, owner)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, tp, ops, owner)
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, tp, owner)
         self.shared_expert_gate = ReplicatedLinear("shared_expert_gate", cfg.hidden_size, 1, lora=True)
 
