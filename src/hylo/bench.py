@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 SHAPES = {
     "qwen3.5-9b": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {}),
     "qwen3.5-35b-a3b": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {}),
+    # The same layers, half as many (20 of 40): per-layer ratios as the full shape, on an 80 GB GPU.
+    "qwen3.5-35b-a3b-20l": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {"num_hidden_layers": 20}),
     "tiny": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(
         vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
@@ -127,7 +129,8 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
         for i in range(max(adapters)):
             write_adapter(engine.model, engine.model_config, Path(tmp) / f"a{i}", rank, seed=i)
             loras.append(LoRARequest(f"a{i}", i + 1, str(Path(tmp) / f"a{i}")))
-        decode_ms(llm, max(1, len(loras)), loras, 16, 4)  # warm-up: kernels compiled, adapters read and in slots
+        for b in batches:  # warm-up: every prefill and decode shape compiled and tuned, adapters read and in slots
+            decode_ms(llm, b, loras, prompt_len, 2)
         rows = []
         for n in adapters:
             for b in batches:

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-lora-rank", type=int, default=64)
     check.set_defaults(run=_check_adapter)
     bench = sub.add_parser("bench", help="decode/prefill speed on a named shape with random weights (needs CUDA)")
-    bench.add_argument("--shape", default="qwen3.5-9b", help="qwen3.5-9b, qwen3.5-35b-a3b or tiny")
+    bench.add_argument("--shape", default="qwen3.5-9b", help="qwen3.5-9b, qwen3.5-35b-a3b, qwen3.5-35b-a3b-20l (half the layers) or tiny")
     bench.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
     bench.add_argument("--adapters", default="0,1,4", help="comma-separated numbers of distinct adapters")
     bench.add_argument("--rank", type=int, default=16)
