@@ -83,7 +83,7 @@ def ceilings(device: torch.device) -> dict:
 
 
 def weight_bytes(model, model_config) -> tuple[int, int]:
-    """(all weight bytes, bytes read per decode token: routed experts count only top_k of them)."""
+    """This rank's (all weight bytes, bytes read per decode token: routed experts count only top_k of them)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     text = model_config.text
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
@@ -105,11 +105,11 @@ def decode_ms(llm, batch: int, loras: list, prompt_len: int, new_tokens: int) ->
 
 
 def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_len: int, new_tokens: int, prefill_tokens: int,
-        hf: bool, out: Path | None) -> dict:
+        hf: bool, out: Path | None, tensor_parallel_size: int = 1) -> dict:
     from hylo import LLM, LoRARequest
 
     device = torch.device("cuda")
-    result = {"shape": shape, "gpu": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"), "method":
+    result = {"shape": shape, "tensor_parallel_size": tensor_parallel_size, "gpu": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"), "method":
               f"{prompt_len}-token prompts, {new_tokens} new tokens, greedy, ignore EOS; ms/step = whole generate() / {new_tokens}"}
     result.update(ceilings(device))
     torch.cuda.empty_cache()  # the ceilings' buffers are gone; give their memory to the engine
@@ -118,7 +118,8 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
         start = time.perf_counter()
         llm = LLM(str(folder), dtype="bfloat16", device="cuda", load_format="dummy", enable_lora=max(adapters) > 0,
                   max_loras=max(1, max(adapters)), max_lora_rank=rank, max_num_batched_tokens=max(prefill_tokens, prompt_len * max(batches)),
-                  max_model_len=max(prompt_len + new_tokens, 1024) + 8, max_num_seqs=max(batches + [prefill_tokens // 1024]))
+                  max_model_len=max(prompt_len + new_tokens, 1024) + 8, max_num_seqs=max(batches + [prefill_tokens // 1024]),
+                  tensor_parallel_size=tensor_parallel_size)
         result["startup_s"] = time.perf_counter() - start
         engine = llm.llm_engine
         if engine.executor.driver.graphs is not None:  # no local name for it: it must not outlive the engine below
@@ -202,7 +203,7 @@ def hf_peft_ms(folder: Path, loras: list, prompt_len: int, new_tokens: int) -> d
 
 
 def print_table(r: dict) -> None:
-    print(f"\n{r['shape']} on {r['gpu']} ({r['date']}); {r['method']}")
+    print(f"\n{r['shape']} on {r['gpu']} × {r['tensor_parallel_size']} ({r['date']}); {r['method']}")
     print(f"copy {r['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {r['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, "
           f"weights {r['weight_bytes'] / 1e9:.1f} GB (read per token {r['active_weight_bytes'] / 1e9:.1f} GB), "
           f"roofline {r['roofline_ms']:.2f} ms/step, start-up {r['startup_s']:.1f} s")

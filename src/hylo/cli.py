@@ -79,7 +79,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     result = run(args.shape, ints(args.batch), ints(args.adapters), args.rank, args.prompt_len, args.new_tokens,
-                 args.prefill_tokens, args.hf, Path(args.json) if args.json else None)
+                 args.prefill_tokens, args.hf, Path(args.json) if args.json else None, args.tensor_parallel_size)
     print_table(result)
     return 0
 
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefill-tokens", type=int, default=8192)
     bench.add_argument("--hf", action="store_true", help="also time HF transformers + PEFT at batch 1")
     bench.add_argument("--json", help="write the figures here")
+    bench.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks; weights and roofline are per rank")
     bench.set_defaults(run=_bench)
     from hylo.server.serve import add_arguments, serve
 

@@ -26,7 +26,7 @@ def decode_step(context_lens: list[int], block_size: int = BLOCK) -> StepInput:
     )
 
 
-def test_gpu_prefill_steps_use_the_reference_or_sdpa():
+def test_gpu_prefill_steps_equal_the_reference():
     """Steps that are not decode steps take no Triton path: on the CPU the GPU module's results equal the reference."""
     torch.manual_seed(3)
     step = decode_step([0, 6])
@@ -66,7 +66,7 @@ def test_chunked_and_recurrent_gated_delta_rule_agree():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_prefill_from_empty_equals_reference(dtype, tol):
+def test_prefill_attention_from_empty_equals_reference(dtype, tol):
     torch.manual_seed(4)
     lengths = [7, 1, 12]
     n = sum(lengths)
@@ -77,7 +77,28 @@ def test_prefill_from_empty_equals_reference(dtype, tol):
     q, k, v = torch.randn(n, 4, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype)
     cache = torch.zeros(2, 64, BLOCK, 2, 16, dtype=dtype)
     ref_cache = cache.clone()
-    got = gpu.prefill_from_empty(q, k, v, cache, batch, 0.25)
+    got = gpu.prefill_attention(q, k, v, cache, batch, 0.25)
+    ref = reference.paged_attention(q, k, v, ref_cache, batch, 0.25)
+    assert torch.equal(cache, ref_cache)
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_chunked_prefill_attention_equals_reference(dtype, tol):
+    """Continuing sequences (a later prefill chunk) read their history from shuffled blocks; a fresh one does not."""
+    torch.manual_seed(6)
+    contexts, lengths = [5, 0, 9], [3, 4, 2]
+    perm = torch.randperm(64).tolist()
+    tables = [perm[0:3], perm[3:5], perm[5:8]]
+    slots = [t[p // BLOCK] * BLOCK + p % BLOCK for t, c, n in zip(tables, contexts, lengths) for p in range(c, c + n)]
+    positions = [p for c, n in zip(contexts, lengths) for p in range(c, c + n)]
+    n = sum(lengths)
+    step = StepInput([0] * n, positions, lengths, contexts, [0, 1, 2], tables, slots, [2, 6, 8], [-1] * 3)
+    batch = step.to_batch(torch.device("cpu"))
+    q, k, v = torch.randn(n, 4, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype)
+    cache = torch.randn(2, 64, BLOCK, 2, 16, dtype=dtype)
+    ref_cache = cache.clone()
+    got = gpu.prefill_attention(q, k, v, cache, batch, 0.25)
     ref = reference.paged_attention(q, k, v, ref_cache, batch, 0.25)
     assert torch.equal(cache, ref_cache)
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)

@@ -60,7 +60,9 @@ class DecodeGraphs:
     def _forward(self, batch: Batch, n: int) -> torch.Tensor:
         if self.lora is not None:
             self.lora.use_static_slots(self.inputs["lora_slots"][:n])
-        return self.model.compute_logits(self.model(batch, self.caches))
+        # Logits stay in the model dtype inside the graph (its pool would otherwise hold a float32 copy per size);
+        # `run` widens the rows it returns, which is exact.
+        return self.model.lm_head(self.model(batch, self.caches))
 
     def _capture(self, n: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Batch]:
         batch = self._batch(n)
@@ -80,7 +82,7 @@ class DecodeGraphs:
         )
 
     def run(self, step: StepInput) -> torch.Tensor:
-        """Logits [seqs, vocab] of a decode step (a view into the graph's output: read before the next step)."""
+        """Logits [seqs, vocab] in float32 of a decode step."""
         n = len(step.query_lens)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
@@ -92,4 +94,4 @@ class DecodeGraphs:
         self.block_tables[:n, :width].copy_(tables)
         graph, logits, _ = self.graphs[size]
         graph.replay()
-        return logits[:n]
+        return logits[:n].float()

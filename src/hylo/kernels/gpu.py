@@ -23,9 +23,7 @@ def paged_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tens
         from hylo.kernels.triton_decode import paged_attention_decode
 
         return paged_attention_decode(q, k, v, kv_cache, batch, scale)
-    if all(c == 0 for c in batch.context_lens):
-        return prefill_from_empty(q, k, v, kv_cache, batch, scale)
-    return reference.paged_attention(q, k, v, kv_cache, batch, scale)
+    return prefill_attention(q, k, v, kv_cache, batch, scale)
 
 
 def causal_conv1d(x, weight, conv_states, batch: Batch) -> torch.Tensor:
@@ -67,16 +65,27 @@ def routed_experts(layer, x, weights, experts) -> torch.Tensor:
     return reference.routed_experts(layer, x, weights, experts)
 
 
-def prefill_from_empty(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
-    """Every sequence starts here: causal attention over its own tokens (SDPA's fused kernels), cache written."""
-    reference.write_kv(k, v, kv_cache, batch)
-    group = q.shape[1] // kv_cache.shape[3]
+def prefill_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
+    """Each sequence's new tokens attend to its cached tokens and causally to each other, through SDPA's fused
+    kernels. The cache is written first, so a sequence that continues (a chunked prefill) reads its history
+    from its blocks; a fresh one uses this step's keys directly."""
+    flat = reference.write_kv(k, v, kv_cache, batch)
+    block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = q.shape[1] // kv_heads
     out = torch.empty_like(q)
     starts = batch.cu_seqlens.tolist()
-    for i, n in enumerate(batch.query_lens):
+    for i, (n, context) in enumerate(zip(batch.query_lens, batch.context_lens)):
         s = slice(starts[i], starts[i] + n)
-        qi = q[s].transpose(0, 1)  # [heads, tokens, head_dim]
-        ki = k[s].repeat_interleave(group, dim=1).transpose(0, 1)
-        vi = v[s].repeat_interleave(group, dim=1).transpose(0, 1)
-        out[s] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(0, 1)
+        mask = None
+        if context == 0:
+            keys, values = k[s], v[s]
+        else:
+            pos = torch.arange(context + n, device=q.device)
+            slots = batch.block_tables[i, pos // block_size] * block_size + pos % block_size
+            keys, values = flat[0, slots].to(q.dtype), flat[1, slots].to(q.dtype)
+            mask = pos[None, :] <= context + torch.arange(n, device=q.device)[:, None]  # [n, context + n]: may attend
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, keys, head_dim]
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+        attended = F.scaled_dot_product_attention(q[s].transpose(0, 1), keys, values, attn_mask=mask, is_causal=mask is None, scale=scale)
+        out[s] = attended.transpose(0, 1)
     return out
