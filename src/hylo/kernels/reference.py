@@ -201,17 +201,28 @@ def lora_delta(
 
 
 def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """An MoE layer's routed experts (`layers.moe.Experts`: w13, w2 and their LoRA slots), one expert at a time over
-    the tokens that chose it. x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum."""
-    out = torch.zeros_like(x)
+    """An MoE layer's routed experts (`layers.moe.Experts`: w13, w2 and their LoRA slots): the (token, expert) pairs
+    sorted by expert, then each expert's run of pairs as two matmuls. One host sync per layer (the run lengths).
+    x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum."""
+    top_k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = flat.argsort(stable=True)
+    token = order // top_k  # the token of each sorted pair
+    pair_weights = weights.reshape(-1)[order]
     lora = getattr(layer, "lora_batch", None)
-    lora_slots = lora.token_slots if lora is not None and (lora.groups or lora.per_token) else None
+    pair_slots = lora.token_slots[token] if lora is not None and (lora.groups or lora.per_token) else None
     rows = [(0, layer.local), (layer.local, 2 * layer.local)]
-    for e in experts.unique().tolist():
-        token, k = torch.where(experts == e)
-        xs = x[token]
+    xs_all = x[token]
+    ys = torch.empty_like(xs_all)
+    start = 0
+    for e, n in enumerate(torch.bincount(flat, minlength=layer.num_experts).tolist()):
+        if n == 0:
+            continue
+        run = slice(start, start + n)
+        start += n
+        xs = xs_all[run]
         gate_up = F.linear(xs, layer.w13[e])
-        groups = _slot_groups(lora_slots[token]) if lora_slots is not None else []
+        groups = _slot_groups(pair_slots[run]) if pair_slots is not None else []
         if groups:
             lora_delta(xs, gate_up, layer.lora_a13[:, e], layer.lora_b13[:, e], rows, groups)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -219,8 +230,8 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
         y = F.linear(h, layer.w2[e])
         if groups:
             lora_delta(h, y, layer.lora_a2[:, e], layer.lora_b2[:, e], [(0, y.shape[1])], groups)
-        out.index_add_(0, token, (y * weights[token, k, None]).to(out.dtype))
-    return out
+        ys[run] = (y * pair_weights[run, None]).to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys)
 
 
 def _slot_groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
