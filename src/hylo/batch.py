@@ -51,6 +51,11 @@ class StepInput:
     logits_indices: list[int]
     lora_slots: list[int]  # per sequence, -1 for the base model
 
+    @property
+    def seq_lens(self) -> list[int]:
+        """Per sequence, the tokens in its cache once this step has written its own."""
+        return [c + q for c, q in zip(self.context_lens, self.query_lens)]
+
     def to_batch(self, device: torch.device) -> Batch:
         tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
         width = max(len(t) for t in self.block_tables)
@@ -63,7 +68,7 @@ class StepInput:
             query_lens=self.query_lens,
             context_lens=self.context_lens,
             cu_seqlens=tensor(cu),
-            seq_lens=tensor([c + q for c, q in zip(self.context_lens, self.query_lens)]),
+            seq_lens=tensor(self.seq_lens),
             state_slots=tensor(self.state_slots),
             block_tables=tensor([t + [0] * (width - len(t)) for t in self.block_tables]),
             slot_mapping=tensor(self.slot_mapping),

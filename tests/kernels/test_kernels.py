@@ -66,34 +66,21 @@ def test_chunked_and_recurrent_gated_delta_rule_agree():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_prefill_attention_from_empty_equals_reference(dtype, tol):
-    torch.manual_seed(4)
-    lengths = [7, 1, 12]
-    n = sum(lengths)
-    tables = [[0, 1], [2], [3, 4, 5]]
-    slots = [b * BLOCK + p % BLOCK for t, m in zip(tables, lengths) for p, b in ((p, t[p // BLOCK]) for p in range(m))]
-    step = StepInput([0] * n, [p for m in lengths for p in range(m)], lengths, [0, 0, 0], [0, 1, 2], tables, slots, [6, 7, 19], [-1] * 3)
-    batch = step.to_batch(torch.device("cpu"))
-    q, k, v = torch.randn(n, 4, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype)
-    cache = torch.zeros(2, 64, BLOCK, 2, 16, dtype=dtype)
-    ref_cache = cache.clone()
-    got = gpu.prefill_attention(q, k, v, cache, batch, 0.25)
-    ref = reference.paged_attention(q, k, v, ref_cache, batch, 0.25)
-    assert torch.equal(cache, ref_cache)
-    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_chunked_prefill_attention_equals_reference(dtype, tol):
-    """Continuing sequences (a later prefill chunk) read their history from shuffled blocks; a fresh one does not."""
+@pytest.mark.parametrize("contexts, lengths", [([0, 0, 0], [7, 1, 12]), ([5, 0, 9], [3, 4, 2])], ids=["from-empty", "chunked"])
+def test_prefill_attention_equals_reference(contexts, lengths, dtype, tol):
+    """Fresh sequences attend to this step's keys; continuing ones (a later prefill chunk) read their history
+    from shuffled blocks. Both write the cache exactly as the reference does."""
     torch.manual_seed(6)
-    contexts, lengths = [5, 0, 9], [3, 4, 2]
     perm = torch.randperm(64).tolist()
-    tables = [perm[0:3], perm[3:5], perm[5:8]]
+    tables, start = [], 0
+    for c, n in zip(contexts, lengths):
+        tables.append(perm[start : start + (c + n - 1) // BLOCK + 1])
+        start += len(tables[-1])
     slots = [t[p // BLOCK] * BLOCK + p % BLOCK for t, c, n in zip(tables, contexts, lengths) for p in range(c, c + n)]
     positions = [p for c, n in zip(contexts, lengths) for p in range(c, c + n)]
     n = sum(lengths)
-    step = StepInput([0] * n, positions, lengths, contexts, [0, 1, 2], tables, slots, [2, 6, 8], [-1] * 3)
+    last = [sum(lengths[: i + 1]) - 1 for i in range(len(lengths))]
+    step = StepInput([0] * n, positions, lengths, contexts, [0, 1, 2], tables, slots, last, [-1] * 3)
     batch = step.to_batch(torch.device("cpu"))
     q, k, v = torch.randn(n, 4, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype)
     cache = torch.randn(2, 64, BLOCK, 2, 16, dtype=dtype)

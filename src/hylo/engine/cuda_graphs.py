@@ -87,7 +87,7 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
         values = {"input_ids": step.input_ids, "positions": step.positions, "state_slots": step.state_slots,
-                  "slot_mapping": step.slot_mapping, "seq_lens": [c + 1 for c in step.context_lens], "lora_slots": step.lora_slots}
+                  "slot_mapping": step.slot_mapping, "seq_lens": step.seq_lens, "lora_slots": step.lora_slots}
         self.packed[:, :size].copy_(torch.tensor([values[name] + [self.padding[name]] * pad for name in self.inputs]))
         width = max(len(t) for t in step.block_tables)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in step.block_tables], dtype=torch.long)

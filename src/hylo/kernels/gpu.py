@@ -15,7 +15,7 @@ from hylo.batch import Batch
 from hylo.kernels import reference
 
 HAS_FLA = importlib.util.find_spec("fla") is not None
-PAIR_TOKENS = 256  # the largest captured decode batch (engine/cuda_graphs.py)
+PAIR_TOKENS = 256  # the largest batch on the per-pair MoE path; captured decode batches stop here (engine/cuda_graphs.py)
 
 
 def paged_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
