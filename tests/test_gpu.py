@@ -44,11 +44,18 @@ def test_cuda_bfloat16_follows_cpu_float32_wherever_the_choice_is_clear(kind, ch
     print(f"{kind}: bf16 matched float32 on {matched}/{total} greedy tokens")
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_cuda_lora_equals_cpu(kind, checkpoints, engines, adapters):
-    """Mixed batches (two adapters and the base model): the dense decode steps replay CUDA graphs with BGMV LoRA."""
+@pytest.mark.parametrize("kind", ["dense", "moe", "moe grouped"])
+def test_cuda_lora_equals_cpu(kind, checkpoints, engines, adapters, monkeypatch):
+    """Mixed batches (two adapters and the base model): decode steps replay CUDA graphs with BGMV LoRA, prefills
+    use SGMV. "moe grouped" sends every MoE step, captured decode steps too, through the sorted grouped matmuls."""
+    first_id = 1
+    if kind == "moe grouped":
+        from hylo.kernels import triton_moe
+
+        monkeypatch.setattr(triton_moe, "GEMV_PAIRS", 0)
+        kind, first_id = "moe", 3  # the shared CPU engine already knows ids 1 and 2 as other folders
     prompts = random_prompts([5, 12, 7, 30, 2, 9], seed=92)
-    requests = [LoRARequest("g", 1, adapters(kind, seed=93)), LoRARequest("h", 2, adapters(kind, seed=94, r=8)), None] * 2
+    requests = [LoRARequest("g", first_id, adapters(kind, seed=93)), LoRARequest("h", first_id + 1, adapters(kind, seed=94, r=8)), None] * 2
     options = dict(enable_lora=True, max_loras=2, max_lora_rank=16)
     gpu = LLM(checkpoints(kind), device="cuda", dtype="float32", progress=False, kv_cache_memory_bytes=CACHE, **options)
     assert [o.token_ids for o in run(gpu, prompts, requests)] == [o.token_ids for o in run(engines(kind, **options), prompts, requests)]

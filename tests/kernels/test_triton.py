@@ -10,13 +10,18 @@ import pytest
 import torch
 
 from hylo.kernels import reference
-from tests.kernels.test_kernels import decode_step
+from tests.kernels.test_kernels import decode_step, prefill_step
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs CUDA (or Triton's interpreter)")]
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+def skip_interpreted_bf16_dot(dtype) -> None:
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter multiplies bf16 tiles in tl.dot wrongly (checked against torch)")
 
 
 def rand(*shape, dtype=torch.float32):
@@ -60,6 +65,23 @@ def test_conv_decode(dtype):
     states = rand(8, 300, 3, dtype=dtype)
     ref_states = states.clone()
     close(conv_decode(x, w, states, batch), reference.causal_conv1d(x, w, ref_states, batch), dtype)
+    close(states, ref_states, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_prefill(dtype):
+    """Fresh sequences and continuing ones, among them steps shorter than the conv's window (which then keeps part
+    of its old contents); x a row view of the fused projection."""
+    from hylo.kernels.triton_prefill import conv_prefill
+
+    torch.manual_seed(9)
+    lengths = [7, 1, 2, 12, 40]
+    batch = prefill_step([0, 5, 2, 9, 0], lengths).to_batch(DEV)
+    x = rand(sum(lengths), 600, dtype=dtype)[:, 100:400]
+    w = rand(300, 4, dtype=dtype)
+    states = rand(8, 300, 3, dtype=dtype)
+    ref_states = states.clone()
+    close(conv_prefill(x, w, states, batch), reference.causal_conv1d(x, w, ref_states, batch), dtype)
     close(states, ref_states, dtype)
 
 
@@ -140,15 +162,21 @@ def test_norm_rope(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_routed_experts_per_pair(dtype):
-    """Per-(token, expert) GEMVs with expert LoRA against the reference's loop over experts: tokens of two adapters
-    and of the base model, an expert chosen by several tokens, ranks below the maximum."""
+@pytest.mark.parametrize("path", ["per pair", "grouped"])
+@pytest.mark.parametrize("step", ["decode", "prefill"])
+def test_routed_experts(dtype, path, step):
+    """Both GPU paths with expert LoRA (BGMV in a decode step, SGMV otherwise) against the reference's loop over
+    experts: tokens of two adapters and of the base model, an expert chosen by several tokens, an expert chosen by
+    none, ranks below the maximum."""
     from hylo.distributed import TPGroup
     from hylo.kernels import select_ops
+    from hylo.kernels.triton_grouped import sort_rows
     from hylo.kernels.triton_moe import routed_experts
     from hylo.layers.lora import LoRABatch
     from hylo.layers.moe import Experts
 
+    if path == "grouped" or step == "prefill":
+        skip_interpreted_bf16_dot(dtype)
     torch.manual_seed(6)
     with torch.device(DEV):
         layer = Experts(6, 64, 48, TPGroup(), select_ops(DEV), "")
@@ -160,16 +188,63 @@ def test_routed_experts_per_pair(dtype):
             t[slot, ..., :rank, :] = rand(*t[slot, ..., :rank, :].shape, dtype=dtype) * 0.2
         for t in (layer.lora_b13, layer.lora_b2):
             t[slot, ..., :rank] = rand(*t[slot, ..., :rank].shape, dtype=dtype) * 0.2
-    layer.lora_batch.token_slots = torch.tensor([2, -1, 0, 2, 0], device=DEV)
-    layer.lora_batch.per_token = True
-    x = rand(5, 64, dtype=dtype)
-    experts = torch.tensor([[1, 4], [4, 0], [5, 1], [1, 2], [3, 4]], device=DEV)
-    weights = torch.rand(5, 2, device=DEV).to(dtype)
-    got = routed_experts(layer, x, weights, experts).float()
+    token_slots = torch.tensor([2, -1, 0, 2, 0, 0, 2], device=DEV)
+    layer.lora_batch.token_slots = token_slots
+    layer.lora_batch.per_token = step == "decode"
+    layer.lora_batch.sorted_rows = None if step == "decode" else sort_rows(token_slots, 3)
+    x = rand(7, 64, dtype=dtype)
+    experts = torch.tensor([[1, 4], [4, 0], [5, 1], [1, 0], [3, 4], [4, 1], [0, 5]], device=DEV)  # expert 2 idle
+    weights = torch.rand(7, 2, device=DEV).to(dtype)
+    got = routed_experts(layer, x, weights, experts, gemv_pairs=100 if path == "per pair" else 0).float()
     layer.w13.data, layer.w2.data = layer.w13.float(), layer.w2.float()  # the oracle in float32
     for name in ("lora_a13", "lora_b13", "lora_a2", "lora_b2"):
         setattr(layer, name, getattr(layer, name).float())
+    layer.lora_batch.groups = [(s, torch.where(token_slots == s)[0]) for s in (0, 2)]
     ref = reference.routed_experts(layer, x.float(), weights.float(), experts)
     # torch's own bf16 forward is ~0.5% off here; the interpreter truncates to bf16 instead of rounding.
     bound = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if DEV.type == "cuda" else 3e-2}[dtype]
     assert ((got - ref).norm() / ref.norm()).item() < bound
+
+
+def test_sort_rows_puts_each_row_once_in_a_block_of_its_group():
+    from hylo.kernels.triton_grouped import sort_rows
+
+    torch.manual_seed(7)
+    groups = torch.randint(-1, 5, (300,), device=DEV)
+    groups[groups == 3] = 4  # a group with no rows
+    got = sort_rows(groups, 5)
+    rows, block_groups = got.rows.view(-1, got.block), got.block_groups
+    assert rows.shape[0] == block_groups.numel()
+    for block_rows, group in zip(rows.tolist(), block_groups.tolist()):
+        members = [r for r in block_rows if r >= 0]
+        assert (group >= 0) == bool(members)
+        assert all(groups[r] == group for r in members)
+    placed = sorted(r for r in got.rows.tolist() if r >= 0)
+    assert placed == torch.where(groups >= 0)[0].tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_sgmv_equals_grouped_matmuls(dtype):
+    """Prefill LoRA: runs of tokens per slot, base-model tokens, a slot used by no token, ranks below the maximum,
+    three parts and rows of no part."""
+    from hylo.kernels.triton_grouped import lora_sgmv, sort_rows
+
+    skip_interpreted_bf16_dot(dtype)
+    torch.manual_seed(8)
+    slots, parts, max_rank, in_f, out_f, rows = 4, 3, 16, 300, 240, [(0, 40), (40, 100), (100, 230)]
+    a, b = torch.zeros(slots, parts, max_rank, in_f, device=DEV, dtype=dtype), torch.zeros(slots, out_f, max_rank, device=DEV, dtype=dtype)
+    for s, rank in [(0, 16), (1, 8), (3, 5)]:  # slot 2 stays empty
+        a[s, :, :rank] = rand(parts, rank, in_f, dtype=dtype) * 0.05
+        b[s, :230, :rank] = rand(230, rank, dtype=dtype)
+    token_slots = torch.tensor([1] * 20 + [-1] * 7 + [0] * 3 + [3] * 40 + [1] * 5, device=DEV)
+    x, y = rand(75, in_f, dtype=dtype), rand(75, out_f, dtype=dtype)
+    row_part = torch.full((out_f,), -1, dtype=torch.int32, device=DEV)
+    for i, (start, stop) in enumerate(rows):
+        row_part[start:stop] = i
+    ref = y.clone()
+    groups = [(s, torch.where(token_slots == s)[0]) for s in (0, 1, 3)]
+    reference.lora_delta(x, ref, a, b, rows, groups)
+    lora_sgmv(x, y, a, b, row_part, sort_rows(token_slots, slots))
+    close(y, ref, dtype)
+    base = token_slots < 0
+    assert torch.equal(y[base], ref[base]) and torch.equal(y[:, 230:], ref[:, 230:])  # no LoRA there: untouched

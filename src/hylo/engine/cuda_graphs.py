@@ -16,14 +16,12 @@ import torch
 
 from hylo.batch import Batch, StepInput
 from hylo.engine.cache import CachePlan
-from hylo.kernels.gpu import PAIR_TOKENS
 from hylo.lora.store import AdapterStore
 from hylo.state import CacheTensors
 
 log = logging.getLogger("hylo")
 
-# A captured step must stay on the graph-safe MoE path, which serves up to PAIR_TOKENS tokens.
-CAPTURE_SIZES = tuple(s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if s <= PAIR_TOKENS)
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class DecodeGraphs:

@@ -22,12 +22,12 @@ class Ops:
 
 
 def select_ops(device: torch.device) -> Ops:
-    """CPU: the torch reference (the oracle for every faster kernel). CUDA: Triton kernels for decode steps and
-    norms, SDPA and fla-core (the `cuda` extra) for prefill."""
+    """CPU: the torch reference (the oracle for every faster kernel). CUDA: Triton kernels for decode steps, norms
+    and routed experts; SDPA and fla-core (the `cuda` extra) for prefill."""
     if device.type != "cuda":
         return Ops(reference.paged_attention, reference.causal_conv1d, reference.gated_delta_rule, reference.rms_norm,
                    reference.gated_rms_norm, reference.norm_rope, reference.routed_experts)
-    from hylo.kernels import triton_norms
+    from hylo.kernels import triton_moe, triton_norms
 
     return Ops(gpu.paged_attention, gpu.causal_conv1d, gpu.gated_delta_rule, triton_norms.rms_norm, triton_norms.gated_rms_norm,
-               triton_norms.norm_rope, gpu.routed_experts)
+               triton_norms.norm_rope, triton_moe.routed_experts)

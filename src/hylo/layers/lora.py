@@ -9,10 +9,14 @@ the layer's declared parts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from hylo.layers.parts import Part
+
+if TYPE_CHECKING:
+    from hylo.kernels.triton_grouped import SortedRows
 
 
 @dataclass
@@ -20,8 +24,14 @@ class LoRABatch:
     """Which adapter slot each token of the current step uses; one object shared by every LoRA layer."""
 
     token_slots: torch.Tensor | None = None  # [tokens], -1 = no adapter
-    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, its token indices)
-    per_token: bool = False  # decode on CUDA: one BGMV launch pair reads `token_slots` (graph-safe); else per group
+    per_token: bool = False  # decode on CUDA: one BGMV launch pair reads `token_slots` (graph-safe)
+    sorted_rows: SortedRows | None = None  # other CUDA steps: tokens sorted by slot, for the SGMV kernel
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # on the CPU: (slot, its token indices)
+
+    @property
+    def active(self) -> bool:
+        """Whether a layer has LoRA work this step (a decode step's kernels skip base-model tokens themselves)."""
+        return self.per_token or self.sorted_rows is not None or bool(self.groups)
 
 
 def write_lora_part(
@@ -91,6 +101,10 @@ class LoRALinear:
             from hylo.kernels.triton_lora import lora_bgmv
 
             lora_bgmv(x, y, self.lora_a, self.lora_b, self.lora_row_part, self.lora_batch.token_slots)
+        elif self.lora_batch.sorted_rows is not None:
+            from hylo.kernels.triton_grouped import lora_sgmv
+
+            lora_sgmv(x, y, self.lora_a, self.lora_b, self.lora_row_part, self.lora_batch.sorted_rows)
         elif self.lora_batch.groups:
             from hylo.kernels.reference import lora_delta
 

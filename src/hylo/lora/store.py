@@ -17,6 +17,7 @@ class AdapterStore:
         self.model = model
         self.model_config = model_config
         self.max_rank = max_rank
+        self.max_loras = max_loras
         self.tp = tp
         self.batch = LoRABatch()
         self.targets = lora_targets(model)
@@ -63,15 +64,27 @@ class AdapterStore:
     def set_step(self, lora_slots: list[int], query_lens: list[int], device: torch.device) -> None:
         """Which slot each token uses this step; tokens of base-model sequences join no group (no LoRA work).
 
-        A CUDA decode step reads the slots per token in one kernel; other steps group tokens by slot
-        so that each group is two matmuls."""
-        token_slots = torch.tensor(lora_slots, device=device).repeat_interleave(torch.tensor(query_lens, device=device))
+        A CUDA decode step reads the slots per token in one kernel (BGMV); other CUDA steps sort the tokens
+        by slot once for all layers (SGMV); on the CPU each slot's tokens are two matmuls."""
+        token_slots = torch.tensor(lora_slots, device=device).repeat_interleave(
+            torch.tensor(query_lens, device=device), output_size=sum(query_lens))  # a known size: no wait for the GPU
+        used = sorted(set(lora_slots) - {-1})
+        cuda = device.type == "cuda"
         self.batch.token_slots = token_slots
-        self.batch.per_token = device.type == "cuda" and all(n == 1 for n in query_lens)
-        self.batch.groups = [] if self.batch.per_token else [(s, torch.where(token_slots == s)[0]) for s in sorted(set(lora_slots) - {-1})]
+        self.batch.per_token = cuda and all(n == 1 for n in query_lens)
+        self.batch.sorted_rows = None
+        self.batch.groups = []
+        if cuda and not self.batch.per_token and used:
+            from hylo.kernels.triton_grouped import sort_rows
+
+            # Small row blocks: the shrink's output is a few columns wide, so its row blocks are all its parallelism.
+            self.batch.sorted_rows = sort_rows(token_slots, self.max_loras, block=16)
+        elif not cuda:
+            self.batch.groups = [(s, torch.where(token_slots == s)[0]) for s in used]
 
     def use_static_slots(self, token_slots: torch.Tensor) -> None:
         """A captured decode step: the slots live in the graph's input buffer, refilled before each replay."""
         self.batch.token_slots = token_slots
         self.batch.per_token = True
+        self.batch.sorted_rows = None
         self.batch.groups = []
