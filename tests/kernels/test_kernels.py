@@ -26,14 +26,27 @@ def decode_step(context_lens: list[int], block_size: int = BLOCK) -> StepInput:
     )
 
 
-def test_gpu_prefill_steps_equal_the_reference():
-    """Steps that are not decode steps take no Triton path: on the CPU the GPU module's results equal the reference."""
+def prefill_step(context_lens: list[int], query_lens: list[int]) -> StepInput:
+    """`query_lens` new tokens per sequence on top of `context_lens` cached ones; blocks and state slots shuffled."""
+    perm = torch.randperm(64).tolist()
+    tables, start = [], 0
+    for c, n in zip(context_lens, query_lens):
+        tables.append(perm[start : start + (c + n - 1) // BLOCK + 1])
+        start += len(tables[-1])
+    slots = [t[p // BLOCK] * BLOCK + p % BLOCK for t, c, n in zip(tables, context_lens, query_lens) for p in range(c, c + n)]
+    positions = [p for c, n in zip(context_lens, query_lens) for p in range(c, c + n)]
+    last = [sum(query_lens[: i + 1]) - 1 for i in range(len(query_lens))]
+    m = len(query_lens)
+    return StepInput([0] * sum(query_lens), positions, list(query_lens), list(context_lens), torch.randperm(8)[:m].tolist(), tables, slots,
+                     last, [-1] * m)
+
+
+def test_gpu_prefill_attention_equals_the_reference():
+    """A step that is not a decode step takes no Triton attention path: on the CPU the result equals the reference."""
     torch.manual_seed(3)
     step = decode_step([0, 6])
     batch = step.to_batch(torch.device("cpu"))
     assert not batch.is_decode
-    x, w, states = torch.randn(2, 24), torch.randn(24, 4), torch.randn(8, 24, 3)
-    torch.testing.assert_close(gpu.causal_conv1d(x, w, states.clone(), batch), reference.causal_conv1d(x, w, states.clone(), batch))
     q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
     cache = torch.randn(2, 64, BLOCK, 2, 16)
     torch.testing.assert_close(gpu.paged_attention(q, k, v, cache.clone(), batch, 0.25), reference.paged_attention(q, k, v, cache.clone(), batch, 0.25))
@@ -71,17 +84,8 @@ def test_prefill_attention_equals_reference(contexts, lengths, dtype, tol):
     """Fresh sequences attend to this step's keys; continuing ones (a later prefill chunk) read their history
     from shuffled blocks. Both write the cache exactly as the reference does."""
     torch.manual_seed(6)
-    perm = torch.randperm(64).tolist()
-    tables, start = [], 0
-    for c, n in zip(contexts, lengths):
-        tables.append(perm[start : start + (c + n - 1) // BLOCK + 1])
-        start += len(tables[-1])
-    slots = [t[p // BLOCK] * BLOCK + p % BLOCK for t, c, n in zip(tables, contexts, lengths) for p in range(c, c + n)]
-    positions = [p for c, n in zip(contexts, lengths) for p in range(c, c + n)]
     n = sum(lengths)
-    last = [sum(lengths[: i + 1]) - 1 for i in range(len(lengths))]
-    step = StepInput([0] * n, positions, lengths, contexts, [0, 1, 2], tables, slots, last, [-1] * 3)
-    batch = step.to_batch(torch.device("cpu"))
+    batch = prefill_step(contexts, lengths).to_batch(torch.device("cpu"))
     q, k, v = torch.randn(n, 4, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype)
     cache = torch.randn(2, 64, BLOCK, 2, 16, dtype=dtype)
     ref_cache = cache.clone()

@@ -1,5 +1,6 @@
-"""The CUDA path of each state-carrying operation: a decode step goes to the Triton kernels (graph-safe),
-a prefill to SDPA's fused causal kernel or fla-core's chunked gated delta rule, anything else to the reference.
+"""The CUDA path of each state-carrying operation: a decode step goes to the Triton kernels (graph-safe), a
+prefill to SDPA's fused causal kernel, fla-core's chunked gated delta rule and the Triton prefill conv. No
+prefill path reads a device tensor back to the host: each such read would leave the GPU idle.
 
 Triton and fla are imported at first use, so this module also imports where they are absent.
 """
@@ -7,6 +8,7 @@ Triton and fla are imported at first use, so this module also imports where they
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,6 @@ from hylo.batch import Batch
 from hylo.kernels import reference
 
 HAS_FLA = importlib.util.find_spec("fla") is not None
-PAIR_TOKENS = 256  # the largest batch on the per-pair MoE path; captured decode batches stop here (engine/cuda_graphs.py)
 
 
 def paged_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
@@ -31,7 +32,9 @@ def causal_conv1d(x, weight, conv_states, batch: Batch) -> torch.Tensor:
         from hylo.kernels.triton_decode import conv_decode
 
         return conv_decode(x, weight, conv_states, batch)
-    return reference.causal_conv1d(x, weight, conv_states, batch)
+    from hylo.kernels.triton_prefill import conv_prefill
+
+    return conv_prefill(x, weight, conv_states, batch)
 
 
 def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch: Batch) -> torch.Tensor:
@@ -45,24 +48,15 @@ def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch: Batch) -> tor
 
     g, beta = reference.gdn_gates(a, b, a_log, dt_bias)
     slots = batch.state_slots
-    fresh = torch.tensor([c == 0 for c in batch.context_lens], device=q.device)
+    fresh = batch.seq_lens == batch.cu_seqlens.diff()  # no cached tokens: starts from a zero state
     initial = states[slots].masked_fill(fresh[:, None, None, None], 0.0)  # [seqs, value_heads, k_dim, v_dim]
+    # The host's copy of the sequence bounds spares fla a device-to-host sync per layer.
     out, final = chunk_gated_delta_rule(
-        q[None], k[None], v[None], g=g[None], beta=beta[None].to(q.dtype),
-        initial_state=initial, output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=batch.cu_seqlens,
+        q[None], k[None], v[None], g=g[None], beta=beta[None].to(q.dtype), initial_state=initial, output_final_state=True,
+        use_qk_l2norm_in_kernel=True, cu_seqlens=batch.cu_seqlens, cu_seqlens_cpu=torch.tensor(_starts(batch)),
     )
     states[slots] = final.float()
     return out[0]
-
-
-def routed_experts(layer, x, weights, experts) -> torch.Tensor:
-    """Up to `PAIR_TOKENS` tokens (every decode step a graph holds): per-pair Triton GEMVs; larger batches group
-    tokens by expert on the host, so each expert is one matmul."""
-    if x.shape[0] <= PAIR_TOKENS:
-        from hylo.kernels.triton_moe import routed_experts as per_pair
-
-        return per_pair(layer, x, weights, experts)
-    return reference.routed_experts(layer, x, weights, experts)
 
 
 def prefill_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
@@ -73,7 +67,7 @@ def prefill_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Te
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = q.shape[1] // kv_heads
     out = torch.empty_like(q)
-    starts = batch.cu_seqlens.tolist()
+    starts = _starts(batch)
     for i, (n, context) in enumerate(zip(batch.query_lens, batch.context_lens)):
         s = slice(starts[i], starts[i] + n)
         mask = None
@@ -84,8 +78,14 @@ def prefill_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Te
             slots = batch.block_tables[i, pos // block_size] * block_size + pos % block_size
             keys, values = flat[0, slots].to(q.dtype), flat[1, slots].to(q.dtype)
             mask = pos[None, :] <= context + torch.arange(n, device=q.device)[:, None]  # [n, context + n]: may attend
-        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, keys, head_dim]
-        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
-        attended = F.scaled_dot_product_attention(q[s].transpose(0, 1), keys, values, attn_mask=mask, is_causal=mask is None, scale=scale)
-        out[s] = attended.transpose(0, 1)
+        # [1, heads, tokens, head_dim]: SDPA's fused kernels take 4-D inputs only (3-D ones fall back to float32 math).
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        attended = F.scaled_dot_product_attention(q[s].transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=mask is None, scale=scale)
+        out[s] = attended[0].transpose(0, 1)
     return out
+
+
+def _starts(batch: Batch) -> list[int]:
+    """cu_seqlens from the host's lists: reading the device tensor would wait for the GPU."""
+    return [0, *itertools.accumulate(batch.query_lens)]
