@@ -82,6 +82,24 @@ def ceilings(device: torch.device) -> dict:
     return {"copy_bytes_per_s": bandwidth, "bf16_flops_per_s": flops}
 
 
+def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
+    """GPU time of one call of `fn` in µs: `calls` calls captured in one CUDA graph, so that host launch costs drop
+    out, as they do inside a captured decode step."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (replays * calls) * 1e6
+
+
 def weight_bytes(model, model_config) -> tuple[int, int]:
     """This rank's (all weight bytes, bytes read per decode token: routed experts count only top_k of them)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
