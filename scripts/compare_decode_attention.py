@@ -1,6 +1,6 @@
-"""Paged decode attention, hylo's Triton kernel against PyTorch's FlexAttention, on the Qwen3.5-9B attention shape
-(16 query heads, 4 KV heads, head_dim 256, 16-token pages in shuffled order, bf16): the time per call, and the
-largest difference between their outputs.
+"""Paged decode attention, hylo's Triton kernel (its context in one split, and in as many as it chooses) against
+PyTorch's FlexAttention, on the Qwen3.5-9B attention shape (16 query heads, 4 KV heads, head_dim 256, 16-token
+pages in shuffled order, bf16): the time per call, and the largest difference between their outputs.
 
 python scripts/compare_decode_attention.py [device]
 
@@ -16,7 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from hylo.batch import Batch
 from hylo.bench import graph_us
-from hylo.kernels.triton_decode import paged_attention_decode
+from hylo.kernels.triton_decode import attention_splits, paged_attention_decode
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 16, 4, 256, 16
 # Its default tiles exceed the 16-token pages (a key tile must not span two pages): with them it compiles nothing.
@@ -70,20 +70,22 @@ def main(device: str = "cuda") -> None:
     flex = torch.compile(flex_attention, dynamic=False)
     scale = HEAD_DIM**-0.5
     print(f"{torch.cuda.get_device_name(device)}: 16 q heads, 4 kv heads, head_dim 256, bf16, pages of 16")
-    print(f"{'seqs':>5} {'tokens':>7} {'triton us':>10} {'flex us':>9} {'flex/triton':>12} {'max diff':>9}")
+    print(f"{'seqs':>5} {'tokens':>7} {'1 split us':>10} {'triton us':>10} {'splits':>6} {'flex us':>9} {'flex/triton':>12} {'max diff':>9}")
     for seqs, length in CASES:
         q, k, v, cache, batch = make_case(seqs, length, device)
         ours = paged_attention_decode(q, k, v, cache, batch, scale)
         t_ours = graph_us(lambda: paged_attention_decode(q, k, v, cache, batch, scale))
+        t_one = graph_us(lambda: paged_attention_decode(q, k, v, cache, batch, scale, splits=1))
+        ours_row = f"{seqs:5d} {length:7d} {t_one:10.1f} {t_ours:10.1f} {attention_splits(seqs, KV_HEADS, device):6d}"
         query, keys, values, mask = flex_inputs(q, cache, batch)
         call = lambda: flex(query, keys, values, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=FLEX_OPTIONS)  # noqa: E731
         try:
             diff = (ours.float() - call()[0, :, ::PAGE].transpose(0, 1).float()).abs().max().item()
             t_flex = graph_us(call)
         except Exception as error:  # a shape FlexAttention cannot compile is a result too
-            print(f"{seqs:5d} {length:7d} {t_ours:10.1f}   flex failed: {str(error).splitlines()[0][:120]}", flush=True)
+            print(f"{ours_row}   flex failed: {str(error).splitlines()[0][:120]}", flush=True)
             continue
-        print(f"{seqs:5d} {length:7d} {t_ours:10.1f} {t_flex:9.1f} {t_flex / t_ours:12.2f} {diff:9.4f}", flush=True)
+        print(f"{ours_row} {t_flex:9.1f} {t_flex / t_ours:12.2f} {diff:9.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,14 @@ def close(got, ref, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("splits", [1, 4, None])  # None: as many as the GPU wants, most of them empty here
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter cannot loop to a loaded bound")
-def test_paged_decode_attention(dtype, block_size):
+def test_paged_decode_attention(dtype, block_size, splits):
     from hylo.kernels.triton_decode import paged_attention_decode
 
     torch.manual_seed(0)
-    contexts = [1, 5, 70, 3, 33, 16]
+    # Short ragged contexts, and contexts that fill one, two and three 256-token chunks, the last one empty.
+    contexts = [1, 5, 70, 3, 33, 16] if block_size == 4 else [1, 290, 650, 40]
     step = decode_step(contexts, block_size=block_size)
     batch = step.to_batch(DEV)
     n = len(contexts)
@@ -48,7 +50,7 @@ def test_paged_decode_attention(dtype, block_size):
     k, v = rand(n, 2, 32, dtype=dtype), rand(n, 2, 64, dtype=dtype)[..., :32]
     cache = rand(2, 128, block_size, 2, 32, dtype=dtype)
     ref_cache = cache.clone()
-    got = paged_attention_decode(q, k, v, cache, batch, 0.2)
+    got = paged_attention_decode(q, k, v, cache, batch, 0.2, splits)
     ref = reference.paged_attention(q, k, v, ref_cache, batch, 0.2)
     assert torch.equal(cache, ref_cache)
     close(got, ref, dtype)

@@ -89,29 +89,38 @@ def gdn_decode(q, k, v, a, b, a_log, dt_bias, states: torch.Tensor, batch: Batch
 
 @triton.jit
 def _attention_kernel(q_ptr, q_row, q_head, k_ptr, k_row, k_head, v_ptr, v_row, v_head, cache_ptr, cache_half, cache_slot, cache_head,
-                      tables_ptr, tables_row, seq_lens_ptr, kv_slots_ptr, out_ptr, scale, block_size,
-                      GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
+                      tables_ptr, tables_row, seq_lens_ptr, kv_slots_ptr, out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, scale, block_size,
+                      GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr,
+                      SPLIT_MIN: tl.constexpr, IEEE: tl.constexpr):
     n = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     og = tl.arange(0, GP)
     od = tl.arange(0, D)
     gm = og < GROUP
     q = tl.load(q_ptr + n * q_row + (kvh * GROUP + og)[:, None] * q_head + od[None, :], mask=gm[:, None], other=0.0)
     k_new = tl.load(k_ptr + n * k_row + kvh * k_head + od)
     v_new = tl.load(v_ptr + n * v_row + kvh * v_head + od)
-    # This token's key and value go to its cache slot for later steps, and are used from registers now.
-    kv_slot = tl.load(kv_slots_ptr + n).to(tl.int64)
-    tl.store(cache_ptr + kv_slot * cache_slot + kvh * cache_head + od, k_new.to(cache_ptr.dtype.element_ty))
-    tl.store(cache_ptr + cache_half + kv_slot * cache_slot + kvh * cache_head + od, v_new.to(cache_ptr.dtype.element_ty))
     qf = q.to(tl.float32)
     score_new = tl.sum(qf * k_new.to(tl.float32)[None, :], axis=1) * scale
-    m = score_new
-    l = tl.full([GP], 1.0, tl.float32)
-    acc = tl.zeros([GP, D], tl.float32) + v_new.to(tl.float32)[None, :]
+    # Split 0 also holds this token: its key and value go to its cache slot for later steps, and are used from
+    # registers now. Each split starts its running softmax from that token or from nothing.
+    first = split == 0
+    if first:
+        kv_slot = tl.load(kv_slots_ptr + n).to(tl.int64)
+        tl.store(cache_ptr + kv_slot * cache_slot + kvh * cache_head + od, k_new.to(cache_ptr.dtype.element_ty))
+        tl.store(cache_ptr + cache_half + kv_slot * cache_slot + kvh * cache_head + od, v_new.to(cache_ptr.dtype.element_ty))
+    m = tl.where(first, score_new, float("-inf"))
+    l = tl.where(first, 1.0, 0.0) + tl.zeros([GP], tl.float32)
+    acc = tl.where(first, 1.0, 0.0) * v_new.to(tl.float32)[None, :] + tl.zeros([GP, D], tl.float32)
+    # The cached tokens in SPLITS chunks of at least SPLIT_MIN, so a short context stays in few programs.
     cached = tl.load(seq_lens_ptr + n) - 1
-    for start in tl.range(0, cached, TILE):
+    chunk = tl.cdiv(tl.cdiv(cached, SPLITS), SPLIT_MIN) * SPLIT_MIN
+    lo = split * chunk
+    hi = tl.minimum(cached, lo + chunk)
+    for start in tl.range(lo, hi, TILE):
         pos = start + tl.arange(0, TILE)
-        pm = pos < cached
+        pm = pos < hi
         block = tl.load(tables_ptr + n * tables_row + pos // block_size, mask=pm, other=0).to(tl.int64)
         offsets = (block * block_size + pos % block_size) * cache_slot + kvh * cache_head
         keys = tl.load(cache_ptr + offsets[:, None] + od[None, :], mask=pm[:, None], other=0.0)
@@ -123,28 +132,68 @@ def _attention_kernel(q_ptr, q_row, q_head, k_ptr, k_row, k_head, v_ptr, v_row, 
         scores = tl.where(pm[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
+        alpha = tl.exp(m - m_new)  # 0 where m is still -inf: every tile holds at least one cached token
         l = l * alpha + tl.sum(p, axis=1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
         m = m_new
-    out = acc / l[:, None]
     rows = n * GROUP * tl.num_programs(1) + kvh * GROUP + og  # out is [seqs, q_heads, D], contiguous
-    tl.store(out_ptr + rows[:, None] * D + od[None, :], out.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+    if SPLITS == 1:
+        tl.store(out_ptr + rows[:, None] * D + od[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=gm[:, None])
+    else:
+        parts = rows * SPLITS + split  # partials are [seqs, q_heads, SPLITS (, D)]
+        tl.store(part_max_ptr + parts, m, mask=gm)
+        tl.store(part_sum_ptr + parts, l, mask=gm)
+        tl.store(part_acc_ptr + parts[:, None] * D + od[None, :], acc, mask=gm[:, None])
 
 
-def paged_attention_decode(q, k, v, kv_cache: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
-    """q [seqs, q_heads, D], k and v [seqs, kv_heads, D]: writes k, v to their slots, attends over each sequence."""
+@triton.jit
+def _combine_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, SPLITS: tl.constexpr, D: tl.constexpr):
+    row = tl.program_id(0)  # one (sequence, query head)
+    o_split = tl.arange(0, SPLITS)
+    od = tl.arange(0, D)
+    m = tl.load(part_max_ptr + row * SPLITS + o_split)
+    weight = tl.exp(m - tl.max(m, axis=0))  # split 0 is never empty, so the max is finite; empty splits weigh 0
+    total = tl.sum(weight * tl.load(part_sum_ptr + row * SPLITS + o_split), axis=0)
+    acc = tl.load(part_acc_ptr + (row * SPLITS + o_split)[:, None] * D + od[None, :])
+    tl.store(out_ptr + row * D + od, (tl.sum(weight[:, None] * acc, axis=0) / total).to(out_ptr.dtype.element_ty))
+
+
+SPLIT_MIN_TOKENS = 256  # below this a chunk's own loads cost less than combining it with others
+_TARGET_PROGRAMS: dict[torch.device, int] = {}
+
+
+def attention_splits(seqs: int, kv_heads: int, device: torch.device) -> int:
+    """How many chunks each sequence's context is cut into (flash-decoding): enough programs to fill the GPU
+    twice over when the batch alone would not. Chosen from the batch shape only, so a captured graph keeps it."""
+    if device not in _TARGET_PROGRAMS:
+        _TARGET_PROGRAMS[device] = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
+    wanted = _TARGET_PROGRAMS[device] // (seqs * kv_heads)
+    return min(64, triton.next_power_of_2(wanted)) if wanted > 1 else 1
+
+
+def paged_attention_decode(q, k, v, kv_cache: torch.Tensor, batch: Batch, scale: float, splits: int | None = None) -> torch.Tensor:
+    """q [seqs, q_heads, D], k and v [seqs, kv_heads, D]: writes k, v to their slots, attends over each sequence.
+    `splits` (a power of two) overrides `attention_splits`."""
     seqs, q_heads, head_dim = q.shape
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = q_heads // kv_heads
+    splits = splits or attention_splits(seqs, kv_heads, q.device)
     out = torch.empty(seqs, q_heads, head_dim, dtype=q.dtype, device=q.device)
-    _attention_kernel[(seqs, kv_heads)](
+    part_max = part_sum = part_acc = out  # unused when there is one split
+    if splits > 1:
+        part_max = torch.empty(seqs, q_heads, splits, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(seqs, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    _attention_kernel[(seqs, kv_heads, splits)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         kv_cache, kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
-        batch.block_tables, batch.block_tables.stride(0), batch.seq_lens, batch.slot_mapping, out, scale, block_size,
-        GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=head_dim, TILE=32, IEEE=q.dtype == torch.float32,
+        batch.block_tables, batch.block_tables.stride(0), batch.seq_lens, batch.slot_mapping, out, part_max, part_sum, part_acc,
+        scale, block_size, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=head_dim, TILE=32, SPLITS=splits,
+        SPLIT_MIN=SPLIT_MIN_TOKENS, IEEE=q.dtype == torch.float32,
     )
+    if splits > 1:
+        _combine_kernel[(seqs * q_heads,)](part_max, part_sum, part_acc, out, SPLITS=splits, D=head_dim)
     return out
