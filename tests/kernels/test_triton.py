@@ -56,35 +56,33 @@ def test_paged_decode_attention(dtype, block_size, splits):
     close(got, ref, dtype)
 
 
+def assert_conv_equals_reference(conv, batch, tokens: int, dtype) -> None:
+    """Output and the slots' windows after the step; x a row view of the fused projection."""
+    x = rand(tokens, 600, dtype=dtype)[:, 100:400]
+    w = rand(300, 4, dtype=dtype)
+    states = rand(8, 300, 3, dtype=dtype)
+    ref_states = states.clone()
+    close(conv(x, w, states, batch), reference.causal_conv1d(x, w, ref_states, batch), dtype)
+    close(states, ref_states, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_decode(dtype):
     from hylo.kernels.triton_decode import conv_decode
 
     torch.manual_seed(1)
-    batch = decode_step([2, 9, 1, 4]).to_batch(DEV)
-    x = rand(4, 600, dtype=dtype)[:, :300]  # a row view of the fused projection
-    w = rand(300, 4, dtype=dtype)
-    states = rand(8, 300, 3, dtype=dtype)
-    ref_states = states.clone()
-    close(conv_decode(x, w, states, batch), reference.causal_conv1d(x, w, ref_states, batch), dtype)
-    close(states, ref_states, dtype)
+    assert_conv_equals_reference(conv_decode, decode_step([2, 9, 1, 4]).to_batch(DEV), 4, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_prefill(dtype):
     """Fresh sequences and continuing ones, among them steps shorter than the conv's window (which then keeps part
-    of its old contents); x a row view of the fused projection."""
+    of its old contents)."""
     from hylo.kernels.triton_prefill import conv_prefill
 
     torch.manual_seed(9)
     lengths = [7, 1, 2, 12, 40]
-    batch = prefill_step([0, 5, 2, 9, 0], lengths).to_batch(DEV)
-    x = rand(sum(lengths), 600, dtype=dtype)[:, 100:400]
-    w = rand(300, 4, dtype=dtype)
-    states = rand(8, 300, 3, dtype=dtype)
-    ref_states = states.clone()
-    close(conv_prefill(x, w, states, batch), reference.causal_conv1d(x, w, ref_states, batch), dtype)
-    close(states, ref_states, dtype)
+    assert_conv_equals_reference(conv_prefill, prefill_step([0, 5, 2, 9, 0], lengths).to_batch(DEV), sum(lengths), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -201,7 +199,6 @@ def test_routed_experts(dtype, path, step):
     layer.w13.data, layer.w2.data = layer.w13.float(), layer.w2.float()  # the oracle in float32
     for name in ("lora_a13", "lora_b13", "lora_a2", "lora_b2"):
         setattr(layer, name, getattr(layer, name).float())
-    layer.lora_batch.groups = [(s, torch.where(token_slots == s)[0]) for s in (0, 2)]
     ref = reference.routed_experts(layer, x.float(), weights.float(), experts)
     # torch's own bf16 forward is ~0.5% off here; the interpreter truncates to bf16 instead of rounding.
     bound = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if DEV.type == "cuda" else 3e-2}[dtype]

@@ -210,7 +210,7 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
     token = order // top_k  # the token of each sorted pair
     pair_weights = weights.reshape(-1)[order]
     lora = getattr(layer, "lora_batch", None)
-    pair_slots = lora.token_slots[token] if lora is not None and (lora.groups or lora.per_token) else None
+    pair_slots = lora.token_slots[token] if lora is not None and lora.active else None
     rows = [(0, layer.local), (layer.local, 2 * layer.local)]
     xs_all = x[token]
     ys = torch.empty_like(xs_all)

@@ -7,6 +7,8 @@ replayed. State is read and written in place, in its slot.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -162,15 +164,18 @@ def _combine_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, SPLITS: t
 
 
 SPLIT_MIN_TOKENS = 256  # below this a chunk's own loads cost less than combining it with others
-_TARGET_PROGRAMS: dict[torch.device, int] = {}
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    """Two programs per streaming multiprocessor (64 under Triton's CPU interpreter)."""
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
 
 
 def attention_splits(seqs: int, kv_heads: int, device: torch.device) -> int:
     """How many chunks each sequence's context is cut into (flash-decoding): enough programs to fill the GPU
     twice over when the batch alone would not. Chosen from the batch shape only, so a captured graph keeps it."""
-    if device not in _TARGET_PROGRAMS:
-        _TARGET_PROGRAMS[device] = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
-    wanted = _TARGET_PROGRAMS[device] // (seqs * kv_heads)
+    wanted = _target_programs(device) // (seqs * kv_heads)
     return min(64, triton.next_power_of_2(wanted)) if wanted > 1 else 1
 
 

@@ -66,8 +66,8 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
     flat = experts.reshape(-1)
     per_pair = flat.numel() <= (GEMV_PAIRS if gemv_pairs is None else gemv_pairs)
     by_expert = None if per_pair else sort_rows(flat, layer.num_experts)
-    lora = getattr(layer, "lora_batch", None)
-    lora = _ExpertLoRA(layer, flat, top_k) if lora is not None and lora.active else None
+    batch = getattr(layer, "lora_batch", None)
+    lora = _ExpertLoRA(layer, flat, top_k) if batch is not None and batch.active else None
     gate_up = _expert_matmul(x, layer.w13, flat, top_k, by_expert)  # [pairs, 2·local]
     if lora:
         lora.add(x, gate_up, layer.lora_a13, layer.lora_b13, layer.lora_row_part13, top_k)
