@@ -10,7 +10,7 @@ from tqdm import tqdm
 from hylo.engine.engine import EngineConfig, LLMEngine
 from hylo.lora.request import LoRARequest
 from hylo.outputs import RequestOutput
-from hylo.sampling import SamplingParams
+from hylo.sampling import InvalidParam, SamplingParams
 
 Prompt = str | dict
 
@@ -62,6 +62,17 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Free the model, its caches and any tensor-parallel workers now (dropping the last reference does
+        it too); the LLM cannot be used afterwards."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     def generate(
         self,
         prompts: Prompt | Seq[Prompt],
@@ -72,8 +83,14 @@ class LLM:
         """Run every prompt to completion; outputs come back in the order of `prompts`.
 
         `lora_request`: one adapter for all prompts, or one (or None for the base model) per prompt.
+        A request that fails on its own comes back with finish_reason "error" and `error` saying why.
         """
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        elif isinstance(prompts, Seq):
+            prompts = list(prompts)
+        else:
+            raise InvalidParam("prompt", f"prompts must be a string, a dict or a list of them, not {type(prompts).__name__}")
         params = sampling_params or SamplingParams()
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
@@ -82,23 +99,24 @@ class LLM:
         if len(loras) != len(prompts):
             raise ValueError(f"{len(loras)} lora_requests for {len(prompts)} prompts; give one, or one per prompt")
         engine = self.llm_engine
-        ids = []
+        ids: list[str] = []
+        finished: dict[str, RequestOutput] = {}
         try:
             for prompt, p, lora in zip(prompts, params, loras):
                 ids.append(f"offline-{next(self._ids)}")
                 engine.add_request(ids[-1], prompt, p, lora)
-        except Exception:
+            wanted = set(ids)
+            with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
+                while len(finished) < len(ids):
+                    for out in engine.step():
+                        if out.finished and out.request_id in wanted:
+                            finished[out.request_id] = out
+                            bar.update(1)
+        except BaseException:  # a refused prompt, Ctrl-C: nothing of this call is left running
             for request_id in ids:
-                engine.abort_request(request_id)
+                if request_id not in finished:
+                    engine.abort_request(request_id)
             raise
-        finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
-        while len(finished) < len(ids):
-            for out in engine.step():
-                if out.finished and out.request_id in ids:
-                    finished[out.request_id] = out
-                    bar.update(1)
-        bar.close()
         return [finished[i] for i in ids]
 
     def add_lora(self, lora_request: LoRARequest) -> bool:

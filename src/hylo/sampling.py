@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily
+MAX_TOP_K = 2**31 - 1  # any top_k >= the vocabulary keeps every token
+MAX_STOPS = 256  # every stop string is searched for after every token: bound the work one request can ask for
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, child, step) over the generator's seed space
+
+
+class InvalidParam(ValueError):
+    """A request value out of its allowed range; `param` names the field (the server's 400 carries it)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -29,31 +41,45 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list, tuple)) or isinstance(value, str) and name == "stop_token_ids":
+                raise InvalidParam(name, f"SamplingParams.{name}={value!r} must be a list")
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         checks = [
-            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= -1, "must be -1, 0 (disabled) or a positive integer"),
-            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 disables it)"),
-            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "must be an integer >= 1"),
-            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens), "must be >= 0 and <= max_tokens"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "must be None or an integer >= 0"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "must be token ids >= 0"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),
+            ("n", lambda: _whole(self.n) and self.n >= 1, "must be an integer >= 1"),
+            ("temperature", lambda: _real(self.temperature) and self.temperature >= 0, "must be a finite number >= 0 (0 means greedy)"),
+            ("top_p", lambda: _real(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", lambda: _whole(self.top_k) and -1 <= self.top_k <= MAX_TOP_K, f"must be -1 or 0 (all tokens) or an integer in [1, {MAX_TOP_K}]"),
+            ("min_p", lambda: _real(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("presence_penalty", lambda: _real(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", lambda: _real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            # Bounded so that dividing or multiplying a logit by it stays finite in float32.
+            ("repetition_penalty", lambda: _real(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100, "must be in [0.01, 100] (1 disables it)"),
+            ("max_tokens", lambda: self.max_tokens is None or (_whole(self.max_tokens) and self.max_tokens >= 1), "must be an integer >= 1"),
+            ("min_tokens", lambda: _whole(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens), "must be an integer >= 0 and <= max_tokens"),
+            ("logprobs", lambda: self.logprobs is None or (_whole(self.logprobs) and self.logprobs >= 0), "must be None or an integer >= 0"),
+            ("stop", lambda: len(self.stop) <= MAX_STOPS and all(isinstance(s, str) and s for s in self.stop), f"must be at most {MAX_STOPS} non-empty strings"),
+            ("stop_token_ids", lambda: all(_whole(t) and t >= 0 for t in self.stop_token_ids), "must be token ids (integers >= 0)"),
+            ("seed", lambda: self.seed is None or _whole(self.seed), "must be an integer or None"),
         ]
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} {why}")
+        for name, ok, why in checks:  # in order, each check only once the ones before it passed
+            if not ok():
+                raise InvalidParam(name, f"SamplingParams.{name}={getattr(self, name)!r} {why}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As vLLM: below this the softmax is the argmax to float32 precision, and dividing by it could overflow.
+        return self.temperature < GREEDY_BELOW
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -95,7 +121,7 @@ def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> Sampled:
         return Sampled(token_list, None, None, None, None)
     chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
     ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
-    k = max(i.params.logprobs or 0 for i in inputs)
+    k = min(max(i.params.logprobs or 0 for i in inputs), logits.shape[1])
     top = raw_logprobs.topk(k, dim=-1) if k else None
     return Sampled(token_list, chosen, top.indices if top else None, top.values if top else None, ranks)
 

@@ -40,16 +40,18 @@ def test_requests_joining_mid_run_and_finishing_at_different_times(kind, engines
 def test_preemption_under_a_small_kv_budget_keeps_tokens(checkpoints, engines):
     ref = engines("dense")
     prompts = random_prompts([40, 33, 25, 47, 30, 38], seed=12)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     expected = alone(ref, prompts, params)
-    # One attention layer × 2 × 16 tokens × 2 heads × 16 dims × 4 bytes = 4 KiB per block; budget for ~12 blocks
-    # when GDN slots take half: six sequences needing 4 blocks each cannot all run at once.
-    shapes = ref.llm_engine.model.cache_shapes()
-    budget = 2 * 12 * shapes.block_bytes(16, ref.llm_engine.dtype)
-    small = LLM(checkpoints("dense"), device="cpu", progress=False, kv_cache_memory_bytes=budget, max_model_len=128)
+    # Six GDN slots (half the budget) and KV blocks from the rest: fewer than the six sequences need at once.
+    shapes, dtype = ref.llm_engine.model.cache_shapes(), ref.llm_engine.dtype
+    slot, block = shapes.slot_bytes(dtype), shapes.block_bytes(16, dtype)
+    small = LLM(checkpoints("dense"), device="cpu", progress=False, kv_cache_memory_bytes=slot + block + 12 * slot,
+                max_model_len=128, max_num_seqs=6)
+    scheduler = small.llm_engine.scheduler
+    needed = sum(-(-(len(p) + 40) // 16) for p in prompts)
+    assert scheduler.slots.size == 6 and 128 // 16 <= scheduler.blocks.size < needed
     outs = small.generate([{"prompt_token_ids": p} for p in prompts], params)
     assert [o.outputs[0].token_ids for o in outs] == expected
-    scheduler = small.llm_engine.scheduler
     assert scheduler.num_preemptions > 0
     assert scheduler.blocks.num_free == scheduler.blocks.size
     assert scheduler.slots.num_free == scheduler.slots.size

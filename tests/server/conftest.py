@@ -75,3 +75,24 @@ def server(lora_root):
     s = Server("--api-key", KEY, "--allow-runtime-lora", "--lora-root", str(lora_root), "--max-loras", "2", "--max-lora-rank", "8", "--max-model-len", "20000")
     yield s
     assert s.stop(), "the server must exit cleanly on SIGTERM"
+
+
+IDLE_GAUGES = ("hylo_kv_blocks_used", "hylo_gdn_slots_used", "hylo_running_sequences", "hylo_waiting_sequences")
+
+
+def assert_still_serving(server: Server, timeout: float = 15) -> None:
+    """After a hostile request: /health is OK, a fixed greedy completion is unchanged, and no KV block,
+    GDN slot or sequence is left behind (aborts finish on the engine thread, so the gauges are polled)."""
+    from hylo.demo import expected_continuation, prompt_for
+
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    out = server.client().completions.create(model="base", prompt=prompt_for(11), max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected_continuation("base", prompt_for(11))
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        left = {g: m.get(g) for g in IDLE_GAUGES if m.get(g) != 0}
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"still in use after the request: {left}"
+        time.sleep(0.1)

@@ -30,15 +30,19 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     load_format: str = "safetensors"  # or "dummy": random weights, for benchmarks
     enforce_eager: bool = False  # CUDA: run decode steps op by op instead of replaying captured graphs
+    max_n: int = 128  # sequences one request may ask for (SamplingParams.n), as OpenAI's limit
+    max_logprobs: int = 20  # top logprobs one request may ask for per token, as vLLM's default
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be >= max_loras={self.max_loras}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs={self.max_logprobs} must be >= 0")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
         if not 0 < self.gpu_memory_utilization <= 1:

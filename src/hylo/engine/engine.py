@@ -24,7 +24,7 @@ from hylo.lora.request import LoRARequest
 from hylo.lora.slots import LoRASlots
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
 from hylo.outputs import CompletionOutput, Logprob, RequestOutput
-from hylo.sampling import SampleInput, Sampled, SamplingParams, sample
+from hylo.sampling import InvalidParam, SampleInput, Sampled, SamplingParams, sample
 
 log = logging.getLogger("hylo")
 
@@ -72,7 +72,7 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(self.model_config.path, self.model_config, self.tokenizer)
         torch.manual_seed(config.seed)
         self.executor = Executor(config, self.model_config, self.device, self.dtype, self.max_model_len, progress)
-        self._finalizer = weakref.finalize(self, self.executor.shutdown)
+        self._finalizer = weakref.finalize(self, self.executor.close)
         self.lora = None
         if config.enable_lora:
             self.lora = LoRASlots(self.executor, config.max_loras, config.max_cpu_loras or config.max_loras)
@@ -90,7 +90,11 @@ class LLMEngine:
         return self.executor.driver.model
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers (also done when the engine is garbage-collected or at exit)."""
+        """Stop the tensor-parallel workers and free the model and caches (also done when the engine is
+        garbage-collected, or at exit); requests not finished are aborted."""
+        if not self.executor.dead:
+            for request_id in list(self.requests):
+                self.abort_request(request_id)
         self._finalizer()
 
     # -- requests ---------------------------------------------------------------------------------
@@ -102,20 +106,20 @@ class LLMEngine:
         self.lora.register(request)
 
     def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams, lora_request: LoRARequest | None = None) -> None:
+        """Queue a request; InvalidParam (a ValueError naming the field) or AdapterError if it cannot run."""
         if request_id in self.requests:
             raise ValueError(f"request id '{request_id}' is already in use")
-        if lora_request is not None:
-            self.add_lora(lora_request)
+        self._check_params(params)
         text, ids = self._tokenize(prompt)
         if not ids:
-            raise ValueError("the prompt is empty; give at least one token")
+            raise InvalidParam("prompt", "the prompt is empty; give at least one token")
         vocab = self.model_config.text.vocab_size
         if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {[t for t in ids if not 0 <= t < vocab][:5]}")
+            raise InvalidParam("prompt", f"prompt token ids must be in [0, {vocab}); got {[t for t in ids if not 0 <= t < vocab][:5]}")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}; shorten it")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model folder has none; use stop_token_ids")
+            raise InvalidParam("prompt", f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}; shorten it")
+        if lora_request is not None:
+            self.add_lora(lora_request)
         request = Request(request_id, text, ids, params, [] if params.ignore_eos else self.eos_ids)
         for child in range(params.n):
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
@@ -127,20 +131,35 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = request
 
+    def _check_params(self, params: SamplingParams) -> None:
+        """The limits that depend on the engine (SamplingParams checks the rest when it is made)."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidParam("sampling_params", f"sampling params must be a SamplingParams, not {type(params).__name__}")
+        config, vocab = self.config, self.model_config.text.vocab_size
+        if params.n > config.max_n:
+            raise InvalidParam("n", f"n={params.n} is above this engine's max_n={config.max_n}; ask for fewer sequences")
+        if params.logprobs is not None and params.logprobs > config.max_logprobs:
+            raise InvalidParam("logprobs", f"logprobs={params.logprobs} is above this engine's max_logprobs={config.max_logprobs}")
+        outside = [t for t in params.stop_token_ids if t >= vocab]
+        if outside:
+            raise InvalidParam("stop_token_ids", f"stop_token_ids must be in [0, {vocab}); got {outside[:5]}")
+        if params.stop and self.tokenizer is None:
+            raise InvalidParam("stop", "stop strings need a tokenizer, and this model folder has none; use stop_token_ids")
+
     def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
-                    raise ValueError("prompt_token_ids must be a list of integers")
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise InvalidParam("prompt", "prompt_token_ids must be a list of integers")
                 return prompt.get("prompt"), list(ids)
             if "prompt" not in prompt:
-                raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+                raise InvalidParam("prompt", "a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
             prompt = prompt["prompt"]
         if not isinstance(prompt, str):
-            raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', not {type(prompt).__name__}")
+            raise InvalidParam("prompt", f"a prompt must be a string or a dict with 'prompt_token_ids', not {type(prompt).__name__}")
         if self.tokenizer is None:
-            raise ValueError("this model folder has no tokenizer; pass {'prompt_token_ids': [...]} instead of text")
+            raise InvalidParam("prompt", "this model folder has no tokenizer; pass {'prompt_token_ids': [...]} instead of text")
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def abort_request(self, request_id: str) -> None:
@@ -155,29 +174,76 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass over the scheduled tokens; outputs for requests that advanced or finished."""
+        """One forward pass over the scheduled tokens; outputs for requests that advanced or finished.
+
+        A request that fails on its own (its adapter cannot be read again, its logits are not finite,
+        sampling or detokenizing it raises) finishes with finish_reason "error" and the batch goes on.
+        An exception raised here means the engine itself cannot go on (e.g. a worker died).
+        """
         step = self.scheduler.schedule()
-        if not step:
-            return []
-        logits = self.executor.call("execute", prepare_step(step, self.config.block_size))[0]
-        sampling = [item for item in step if item.samples]
-        for item in step:
-            item.seq.num_computed += item.num_tokens
         touched: dict[str, Request] = {}
-        if sampling:
-            inputs = [self._sample_input(item) for item in sampling]
-            sampled = sample(logits, inputs)
-            for row, item in enumerate(sampling):
-                self._append(item.seq, row, sampled)
-                touched[item.seq.request.request_id] = item.seq.request
+        if self.lora is not None:
+            for lora_id, why in self.lora.load_pending().items():
+                for item in step:
+                    if item.seq.lora_id == lora_id:
+                        touched[item.seq.request.request_id] = self._fail(item.seq.request, why)
+            step = [item for item in step if item.seq.status is Status.RUNNING]
+        if step:
+            logits = self.executor.call("execute", prepare_step(step, self.config.block_size))[0]
+            sampling = [item for item in step if item.samples]
+            for item in step:
+                item.seq.num_computed += item.num_tokens
+            for item, result in zip(sampling, self._sample(logits, sampling)):
+                request = item.seq.request
+                touched[request.request_id] = request
+                if item.seq.status is Status.FINISHED:
+                    continue  # another of the request's sequences failed this step
+                try:
+                    if isinstance(result, str):
+                        raise RuntimeError(result)
+                    self._append(item.seq, *result)
+                except Exception as e:
+                    log.warning("request %s failed: %s", request.request_id, e)
+                    self._fail(request, str(e))
         return [self._output(r) for r in touched.values()]
+
+    def _sample(self, logits: torch.Tensor, items: list[Scheduled]) -> list[tuple[Sampled, int] | str]:
+        """Per sampled item: (the batch's Sampled, its row) or why it could not be sampled.
+
+        The whole batch is sampled at once; only if that raises is each row sampled alone, so that
+        the row at fault fails by itself."""
+        inputs = [self._sample_input(item) for item in items]
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        results: list[tuple[Sampled, int] | str] = [
+            "the model's logits for this request are not finite (NaN or inf); its adapter or inputs are broken" for _ in items
+        ]
+        rows = [r for r, ok in enumerate(finite) if ok]
+        try:
+            sampled = sample(logits[rows] if len(rows) < len(items) else logits, [inputs[r] for r in rows])
+            for j, r in enumerate(rows):
+                results[r] = (sampled, j)
+        except Exception:
+            log.exception("sampling the batch failed; sampling each request alone")
+            for r in rows:
+                try:
+                    results[r] = (sample(logits[r : r + 1], [inputs[r]]), 0)
+                except Exception as e:
+                    results[r] = f"sampling failed: {e}"
+        return results
+
+    def _fail(self, request: Request, why: str) -> Request:
+        request.error = why
+        for seq in request.sequences:
+            if seq.status is not Status.FINISHED:
+                self._finish(seq, "error", None)
+        return request
 
     def _sample_input(self, item: Scheduled) -> SampleInput:
         seq = item.seq
         banned = seq.request.eos_ids + seq.params.stop_token_ids if len(seq.output_ids) < seq.params.min_tokens else []
         return SampleInput(seq.params, seq.request.prompt_ids, seq.output_ids, seq.child, banned)
 
-    def _append(self, seq: Sequence, row: int, sampled: Sampled) -> None:
+    def _append(self, seq: Sequence, sampled: Sampled, row: int) -> None:
         token = sampled.token_ids[row]
         seq.output_ids.append(token)
         params = seq.params
@@ -210,7 +276,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        if seq.detokenizer is not None and reason != "abort" and not isinstance(stop_reason, str):
+        if seq.detokenizer is not None and reason in ("stop", "length") and not isinstance(stop_reason, str):
             seq.text += seq.detokenizer.flush()
         self.scheduler.finish(seq)
         if seq.lora_id is not None:
@@ -241,4 +307,4 @@ class LLMEngine:
             )
             for s in request.sequences
         ]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished, request.error)

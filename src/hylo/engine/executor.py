@@ -8,6 +8,7 @@ seconds. With one rank there are no workers and no communication.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -112,7 +113,7 @@ class Executor:
             )
             self.call("allocate", self.plan, max_model_len)
         except BaseException:
-            self.shutdown()
+            self.close()
             raise
 
     def _start_workers(self, config, model_config, device, dtype) -> None:
@@ -175,6 +176,16 @@ class Executor:
                 errors.append(value)
             values.append(value)
         return values, errors
+
+    def close(self) -> None:
+        """Stop the workers and free this process's share too (model, caches, graphs), so that another engine
+        can start in the same process."""
+        self.shutdown()
+        self.dead = self.dead or "the engine has been shut down; start a new one"
+        self.__dict__.pop("driver", None)
+        gc.collect()  # the model's modules refer to each other (shared LoRA batch, tied weights)
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     def shutdown(self) -> None:
         for conn in self.conns:

@@ -24,6 +24,7 @@ class Request:
     params: SamplingParams
     eos_ids: list[int]
     sequences: list[Sequence] = field(default_factory=list)
+    error: str | None = None  # why it failed on its own, if it did
 
     @property
     def finished(self) -> bool:

@@ -54,6 +54,8 @@ class ModelWorker:
         if self.device.type != "cuda":
             return CPU_CACHE_BYTES
         free, total = torch.cuda.mem_get_info(self.device)
+        # Blocks this process's allocator keeps cached but unused (e.g. an earlier engine's) are free to us.
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         text = self.model_config.text
         # Room for one step's activations and logits (an estimate; no profiling run is made).
         widest = max(text.hidden_size * 4, getattr(text, "intermediate_size", 0) * 2, text.num_attention_heads * text.head_dim * 2)

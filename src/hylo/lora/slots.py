@@ -23,16 +23,19 @@ class LoRASlots:
         self.executor = executor
         self.max_cpu_loras = max_cpu_loras
         self.requests: dict[int, LoRARequest] = {}
+        # Removed while queued or running sequences still use them: forgotten when the last one finishes.
+        self.draining: dict[int, LoRARequest] = {}
         self.host: OrderedDict[int, None] = OrderedDict()  # ids read into host memory, least recent first
         self.refs: dict[int, int] = {}  # queued or running sequences per adapter id
         self.slot_lora: list[int | None] = [None] * max_loras
         self.slot_users = [0] * max_loras
         self.slot_used_at = [0.0] * max_loras
+        self.pending: dict[int, int] = {}  # slot → adapter id the scheduler placed there, loaded by the engine's step
         self.load_seconds: list[float] = []  # one entry per slot load, read by the server's metrics
 
     def register(self, request: LoRARequest) -> None:
         """Know `request`, reading and validating its folder on every rank on first sight; AdapterError if refused."""
-        known = self.requests.get(request.lora_int_id)
+        known = self.requests.get(request.lora_int_id) or self.draining.get(request.lora_int_id)
         if known is not None and known.lora_path != request.lora_path:
             raise AdapterError(
                 f"lora_int_id {request.lora_int_id} is already '{known.lora_name}' ({known.lora_path}); "
@@ -40,18 +43,18 @@ class LoRASlots:
             )
         if request.lora_int_id not in self.host:
             self._read(request)
+        self.draining.pop(request.lora_int_id, None)
         self.requests[request.lora_int_id] = request
 
     def remove(self, lora_id: int) -> bool:
-        """Forget an adapter. Running sequences keep their slot until they finish; it is not reused for this id."""
-        if self.requests.pop(lora_id, None) is None:
+        """Forget an adapter. Sequences already queued or running with it finish with it; new requests cannot use it."""
+        request = self.requests.pop(lora_id, None)
+        if request is None:
             return False
-        if lora_id in self.host:
-            del self.host[lora_id]
-            self.executor.call("lora_forget", lora_id)
-        for slot, held in enumerate(self.slot_lora):
-            if held == lora_id and self.slot_users[slot] == 0:
-                self._clear(slot)
+        if self.refs.get(lora_id, 0):
+            self.draining[lora_id] = request
+        else:
+            self._forget(lora_id)
         return True
 
     def list(self) -> list[LoRARequest]:
@@ -59,42 +62,61 @@ class LoRASlots:
 
     def reference(self, lora_id: int, delta: int) -> None:
         self.refs[lora_id] = self.refs.get(lora_id, 0) + delta
+        if self.refs[lora_id] == 0:
+            del self.refs[lora_id]
+            if self.draining.pop(lora_id, None) is not None:
+                self._forget(lora_id)
         self._trim()
 
     def can_run(self, lora_id: int) -> bool:
         return lora_id in self.slot_lora or any(u == 0 for u in self.slot_users)
 
     def acquire(self, lora_id: int) -> int:
-        """The slot holding `lora_id`, loading it into the least recently used free slot if needed."""
+        """The slot holding `lora_id`, or the least recently used free slot, which `load_pending` then fills."""
         if lora_id in self.slot_lora:
             slot = self.slot_lora.index(lora_id)
         else:
             free = [s for s, users in enumerate(self.slot_users) if users == 0]
             slot = min(free, key=lambda s: (self.slot_lora[s] is not None, self.slot_used_at[s]))
-            self._load(slot, lora_id)
+            self.slot_lora[slot] = lora_id
+            self.pending[slot] = lora_id
         self.slot_users[slot] += 1
         self.slot_used_at[slot] = time.monotonic()
         return slot
 
     def release(self, slot: int) -> None:
         self.slot_users[slot] -= 1
-        held = self.slot_lora[slot]
-        if self.slot_users[slot] == 0 and held is not None and held not in self.requests:
-            self._clear(slot)  # its adapter was removed while this slot was in use
+
+    def load_pending(self) -> dict[int, str]:
+        """Load the adapters `acquire` placed into slots; adapter id → why it could not be (read again) for those that failed."""
+        failed = {}
+        for slot, lora_id in self.pending.items():
+            try:
+                self._load(slot, lora_id)
+            except AdapterError as e:  # e.g. its folder changed after it fell out of host memory
+                self.slot_lora[slot] = None
+                failed[lora_id] = str(e)
+        self.pending.clear()
+        return failed
 
     def _load(self, slot: int, lora_id: int) -> None:
         start = time.perf_counter()
+        request = self.requests.get(lora_id) or self.draining[lora_id]
         if lora_id not in self.host:  # fell out of host memory: read it again
-            self._read(self.requests[lora_id])
+            self._read(request)
         self.host.move_to_end(lora_id)
         self.executor.call("lora_load", slot, lora_id)
-        self.slot_lora[slot] = lora_id
         self.load_seconds.append(time.perf_counter() - start)
-        log.info("adapter %s into slot %d in %.1f ms", self.requests[lora_id].lora_name, slot, 1e3 * self.load_seconds[-1])
+        log.info("adapter %s into slot %d in %.1f ms", request.lora_name, slot, 1e3 * self.load_seconds[-1])
 
-    def _clear(self, slot: int) -> None:
-        self.executor.call("lora_clear", slot)
-        self.slot_lora[slot] = None
+    def _forget(self, lora_id: int) -> None:
+        if lora_id in self.host:
+            del self.host[lora_id]
+            self.executor.call("lora_forget", lora_id)
+        for slot, held in enumerate(self.slot_lora):
+            if held == lora_id:  # no sequence holds it: the last one has finished
+                self.executor.call("lora_clear", slot)
+                self.slot_lora[slot] = None
 
     def _read(self, request: LoRARequest) -> None:
         try:

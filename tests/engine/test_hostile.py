@@ -1,0 +1,234 @@
+"""Hostile input to the offline engine: every out-of-range value is refused naming its field, one request's
+failure stays its own, adapters unloaded while queued, engines made and dropped in a row."""
+
+import shutil
+import weakref
+
+import pytest
+import torch
+
+from hylo import LLM, LoRARequest, SamplingParams
+from hylo.engine import engine as engine_module
+from hylo.lora.peft_config import AdapterError
+from hylo.sampling import InvalidParam
+from tests.conftest import random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPT = random_prompts([7], seed=31)[0]
+
+
+def greedy(llm, prompt=PROMPT, lora=None):
+    return llm.generate({"prompt_token_ids": prompt}, GREEDY, lora_request=lora)[0].outputs[0].token_ids
+
+
+def assert_idle(llm) -> None:
+    """Nothing left behind: no request, no queued or running sequence, every block and state slot free."""
+    engine = llm.llm_engine
+    s = engine.scheduler
+    assert not engine.requests and not s.running and not s.waiting
+    assert s.blocks.num_free == s.blocks.size and s.slots.num_free == s.slots.size
+    if engine.lora is not None:
+        assert sum(engine.lora.slot_users) == 0 and not engine.lora.refs
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("n", 0), ("n", True), ("n", 2.0),
+        ("temperature", -1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "0"),
+        ("top_p", 0), ("top_p", 1.5), ("top_p", float("nan")),
+        ("top_k", -2), ("top_k", 2**63), ("top_k", 1.5),
+        ("min_p", -0.1), ("min_p", 2), ("presence_penalty", 3), ("frequency_penalty", float("-inf")),
+        ("repetition_penalty", 1e-40), ("repetition_penalty", 0), ("repetition_penalty", 1e3), ("repetition_penalty", float("nan")),
+        ("max_tokens", 0), ("max_tokens", "5"), ("max_tokens", True), ("min_tokens", -1),
+        ("logprobs", -1), ("logprobs", True),
+        ("stop", [""]), ("stop", 5), ("stop", ["x"] * 257),
+        ("stop_token_ids", [-1]), ("stop_token_ids", "5"), ("stop_token_ids", [1.5]),
+        ("seed", "x"), ("seed", 1.5),
+    ],
+)
+def test_sampling_params_refuse_out_of_range_values_naming_the_field(field, value):
+    with pytest.raises(InvalidParam) as e:
+        SamplingParams(**{field: value})
+    assert e.value.param == field and field in str(e.value)
+
+
+def test_min_tokens_above_max_tokens_is_refused():
+    with pytest.raises(InvalidParam) as e:
+        SamplingParams(max_tokens=3, min_tokens=4)
+    assert e.value.param == "min_tokens"
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ({"prompt_token_ids": PROMPT}, SamplingParams(n=129), "n"),
+        ({"prompt_token_ids": PROMPT}, SamplingParams(logprobs=21), "logprobs"),
+        ({"prompt_token_ids": PROMPT}, SamplingParams(stop_token_ids=[320], min_tokens=2), "stop_token_ids"),
+        ({"prompt_token_ids": PROMPT}, SamplingParams(stop_token_ids=[10**30]), "stop_token_ids"),
+        ({"prompt_token_ids": [1, 320]}, GREEDY, "prompt"),
+        ({"prompt_token_ids": [1, True]}, GREEDY, "prompt"),
+        ({"prompt_token_ids": []}, GREEDY, "prompt"),
+        ({"prompt_token_ids": [1] * 600}, GREEDY, "prompt"),
+        (12, GREEDY, "prompt"),
+        ({"prompt_token_ids": PROMPT}, {"temperature": 0}, "sampling_params"),
+    ],
+)
+def test_the_engine_refuses_what_exceeds_its_limits_and_keeps_serving(engines, prompt, params, field):
+    llm = engines("dense")
+    expected = greedy(llm)
+    with pytest.raises(InvalidParam) as e:
+        llm.generate(prompt, params)
+    assert e.value.param == field
+    assert greedy(llm) == expected
+    assert_idle(llm)
+
+
+def test_extreme_values_inside_the_ranges_run(engines):
+    llm = engines("dense")
+    expected = greedy(llm)
+    for params in (
+        SamplingParams(temperature=1e-40, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=1e-300, max_tokens=8, ignore_eos=True, seed=3),
+    ):
+        assert llm.generate({"prompt_token_ids": PROMPT}, params)[0].outputs[0].token_ids == expected  # the limit is greedy
+    for params in (
+        SamplingParams(temperature=1.0, top_k=2**31 - 1, max_tokens=8, seed=1, ignore_eos=True),
+        SamplingParams(temperature=1.0, repetition_penalty=0.01, max_tokens=8, seed=1, ignore_eos=True),
+        SamplingParams(temperature=1.0, repetition_penalty=100, max_tokens=8, seed=1, ignore_eos=True),
+        SamplingParams(temperature=1e6, max_tokens=8, seed=1, ignore_eos=True, logprobs=20),
+    ):
+        out = llm.generate({"prompt_token_ids": PROMPT}, params)[0]
+        assert out.error is None and len(out.outputs[0].token_ids) == 8
+    assert_idle(llm)
+
+
+def test_a_request_whose_sampling_raises_fails_alone(engines, monkeypatch):
+    llm = engines("moe")
+    prompts = random_prompts([5, 9, 14], seed=32)
+    expected = [greedy(llm, p) for p in prompts]
+    real = engine_module.sample
+
+    def sample(logits, inputs):
+        if any(i.params.seed == 666 for i in inputs):
+            raise RuntimeError("boom")
+        return real(logits, inputs)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    bad = SamplingParams(temperature=0.5, seed=666, max_tokens=8, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in [prompts[0], PROMPT, prompts[1], prompts[2]]], [GREEDY, bad, GREEDY, GREEDY])
+    assert [o.outputs[0].token_ids for o in (outs[0], outs[2], outs[3])] == expected
+    assert outs[1].error == "sampling failed: boom" and outs[1].outputs[0].finish_reason == "error"
+    assert all(o.error is None for o in outs if o is not outs[1])
+    assert_idle(llm)
+
+
+def test_non_finite_logits_fail_only_their_request(checkpoints, adapters):
+    """An adapter slot holding NaN (written behind the loader's back: the loader refuses such files) poisons only
+    the requests that use it; the base model and another adapter in the same batch are unaffected."""
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=2, max_lora_rank=8)
+    good = LoRARequest("good", 1, adapters("dense", seed=1))
+    broken = LoRARequest("broken", 2, adapters("dense", seed=2))
+    prompts = random_prompts([6, 11], seed=33)
+    expected = [greedy(llm, prompts[0]), greedy(llm, prompts[1], good)]
+    llm.add_lora(broken)
+    for tensors in llm.llm_engine.executor.driver.lora.images[2].values():
+        for t in tensors:
+            t.fill_(float("nan"))
+    for params in (GREEDY, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)):
+        outs = llm.generate([{"prompt_token_ids": p} for p in (prompts[0], PROMPT, prompts[1])], params, lora_request=[None, broken, good])
+        assert "not finite" in outs[1].error and outs[1].outputs[0].finish_reason == "error"
+        if params is GREEDY:
+            assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == expected
+        assert outs[0].error is None and outs[2].error is None
+    assert_idle(llm)
+
+
+def test_unloading_an_adapter_while_its_requests_queue(checkpoints, adapters):
+    """max_num_seqs=1: the second request waits in the queue when the adapter is removed; both finish with it."""
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=8, max_num_seqs=1)
+    lora = LoRARequest("a", 1, adapters("dense", seed=3))
+    prompts = random_prompts([5, 8], seed=34)
+    expected = [greedy(llm, p, lora) for p in prompts]
+    engine = llm.llm_engine
+    for i, p in enumerate(prompts):
+        engine.add_request(f"q{i}", {"prompt_token_ids": p}, GREEDY, lora)
+    engine.step()
+    assert engine.scheduler.waiting and llm.remove_lora(1)
+    assert 1 not in llm.list_loras()
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    assert [done["q0"], done["q1"]] == expected
+    assert 1 not in engine.lora.host and engine.lora.slot_lora == [None] and not engine.lora.draining
+    assert_idle(llm)
+    with pytest.raises(AdapterError):  # the id is free again, and its folder is read anew
+        llm.add_lora(LoRARequest("a", 1, "/nonexistent"))
+
+
+def test_an_adapter_that_cannot_be_loaded_fails_its_requests_only(checkpoints, adapters, tmp_path, monkeypatch):
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=8)
+    shutil.copytree(adapters("dense", seed=4), tmp_path / "a")
+    lora = LoRARequest("a", 1, str(tmp_path / "a"))
+    llm.add_lora(lora)
+    driver = llm.llm_engine.executor.driver
+    real = driver.lora_load
+
+    def lora_load(slot, lora_id):
+        raise AdapterError("adapter 'a': gone")
+
+    monkeypatch.setattr(driver, "lora_load", lora_load)
+    expected = greedy(llm)
+    outs = llm.generate([{"prompt_token_ids": PROMPT}] * 2, GREEDY, lora_request=[lora, None])
+    assert outs[0].error == "adapter 'a': gone" and outs[1].outputs[0].token_ids == expected
+    assert llm.llm_engine.lora.slot_lora == [None]
+    monkeypatch.setattr(driver, "lora_load", real)
+    assert greedy(llm, lora=lora) != expected  # loads and applies once it can
+    assert_idle(llm)
+
+
+def test_an_interrupted_generate_leaves_nothing_running(engines, monkeypatch):
+    llm = engines("dense")
+    engine = llm.llm_engine
+    real, calls = engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(engine, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([{"prompt_token_ids": p} for p in random_prompts([4, 9], seed=35)], SamplingParams(max_tokens=50, ignore_eos=True))
+    monkeypatch.undo()
+    assert_idle(llm)
+
+
+def test_engines_made_and_dropped_in_a_row_free_everything(checkpoints):
+    models = []
+    for i in range(10):
+        llm = LLM(checkpoints("moe"), device="cpu", progress=False, kv_cache_memory_bytes=1 << 22)
+        models.append(weakref.ref(llm.llm_engine.model))
+        assert len(greedy(llm)) == 8
+        if i % 2:
+            llm.shutdown()
+            with pytest.raises(RuntimeError, match="shut down"):
+                greedy(llm)
+        del llm
+        assert models[-1]() is None, "the model (and its caches) must be freed when the LLM is dropped"
+    with LLM(checkpoints("dense"), device="cpu", progress=False) as llm:
+        model = weakref.ref(llm.llm_engine.model)
+        greedy(llm)
+    assert model() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ten_cuda_engines_in_a_row_each_get_the_memory_back(checkpoints):
+    """Each engine sizes its cache from gpu_memory_utilization; a dropped engine's memory must count as free."""
+    for _ in range(10):
+        llm = LLM(checkpoints("dense"), device="cuda", dtype="float32", progress=False, max_num_seqs=4)
+        assert len(greedy(llm)) == 8
+        del llm
+    assert torch.cuda.memory_allocated() < 64 << 20
