@@ -100,7 +100,7 @@ def test_wrong_or_missing_key_is_401(server):
 
 
 def test_a_client_gone_mid_stream_frees_its_blocks_and_slot(server):
-    before = server.metrics().get('hylo_requests_total{status="aborted",adapter="down"}', 0)
+    before = server.metrics().get('hylo_requests_total{adapter="down",status="aborted"}', 0)
     body = {"model": "down", "prompt": prompt_for(40), "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
         lines = r.iter_lines()
@@ -109,10 +109,10 @@ def test_a_client_gone_mid_stream_frees_its_blocks_and_slot(server):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         m = server.metrics()
-        if m.get('hylo_requests_total{status="aborted",adapter="down"}', 0) > before and m["hylo_kv_blocks_used"] == 0:
+        if m.get('hylo_requests_total{adapter="down",status="aborted"}', 0) > before and m["hylo_kv_blocks_used"] == 0:
             break
         time.sleep(0.1)
-    assert m.get('hylo_requests_total{status="aborted",adapter="down"}', 0) > before
+    assert m.get('hylo_requests_total{adapter="down",status="aborted"}', 0) > before
     assert m["hylo_kv_blocks_used"] == 0 and m["hylo_gdn_slots_used"] == 0 and m["hylo_running_sequences"] == 0
 
 

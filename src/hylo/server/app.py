@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import time
 import uuid
@@ -14,22 +15,28 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 from hylo.outputs import RequestOutput
-from hylo.server.async_engine import AsyncEngine, Overloaded
-from hylo.server.protocol import ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, error_body
+from hylo.sampling import InvalidParam
+from hylo.server.async_engine import AsyncEngine, Overloaded, Unavailable
+from hylo.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from hylo.server.protocol import ADAPTER_NAME, ADAPTER_NAME_RULE
+from hylo.server.protocol import (
+    ERROR_TYPES, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, describe, error_body, hide_paths,
+)
+
+log = logging.getLogger("hylo")
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-
-
-KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 503: "overloaded_error"}
 
 
 @dataclass
@@ -41,93 +48,139 @@ class ServerState:
     lora_root: Path | None = None  # runtime adapter loading is allowed only when set
     adapters: dict[str, LoRARequest] = field(default_factory=dict)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    max_request_bytes: int = 16 << 20  # larger bodies get 413 before they are read
+    trust_request_chat_template: bool = False  # render chat templates that requests send
+    loading: set[str] = field(default_factory=set)  # adapter names being loaded now
 
 
 def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_):
         yield
-        # Graceful shutdown (SIGTERM, Ctrl-C): in-flight streams have closed; stop the engine and its workers.
+        # Graceful shutdown (SIGTERM, Ctrl-C): the requests have been ended (serve.py); stop the engine and its workers.
         await asyncio.to_thread(state.engine.stop)
 
     app = FastAPI(title="hylo", docs_url=None, redoc_url=None, lifespan=lifespan)
 
+    def server_paths() -> dict[str, str]:
+        """Server paths that error messages must not show → what the client knows them as."""
+        paths = {state.model_path: state.served_name, os.path.realpath(state.model_path): state.served_name}
+        root = os.path.realpath(state.lora_root) if state.lora_root is not None else None
+        if root is not None:  # adapters loaded at runtime: the path the client gave, relative to --lora-root
+            paths[str(state.lora_root)] = paths[root] = ""
+        for name, r in state.adapters.items():  # adapters given at startup (outside --lora-root): their names
+            real = os.path.realpath(r.lora_path)
+            if root is None or os.path.commonpath([real, root]) != root:
+                paths[r.lora_path] = paths[real] = name
+        return paths
+
+    def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+        kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        return JSONResponse(error_body(hide_paths(message, server_paths()), kind, status, param), status_code=status, headers=headers)
+
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
-        return JSONResponse(error_body(e.message, KINDS.get(e.status, "error"), e.status, e.param), status_code=e.status)
+        return error(e.status, e.message, e.param)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return JSONResponse(error_body(f"{param or 'body'}: {first.get('msg')}", KINDS[400], 400, param), status_code=400)
+        message, param = describe(e.errors()[0], e.body)
+        return error(400, message, param)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if state.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)", KINDS[401], 401), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        """Unknown routes, wrong methods, unparseable bodies: OpenAI's shape, not FastAPI's {"detail": ...}."""
+        where = f"{request.method} {request.url.path[:200]}"
+        if e.status_code == 404:
+            routes = ", ".join(f"{m} {r.path}" for r in app.routes if getattr(r, "include_in_schema", False) for m in sorted(r.methods - {"HEAD"}))
+            return error(404, f"no route {where}; hylo serves {routes}", headers=e.headers)
+        if e.status_code == 405:
+            allowed = (e.headers or {}).get("Allow", "")
+            return error(405, f"{where} is not allowed; use {allowed or 'another method'}", headers=e.headers)
+        if e.status_code == 400 and e.detail == "There was an error parsing the body":
+            return error(400, "the body could not be read: send one JSON object, encoded as UTF-8, with Content-Type: application/json", headers=e.headers)
+        return error(e.status_code, str(e.detail), headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(_, e: Exception):
+        # Logged with its traceback by the server; the client gets OpenAI's shape, without server paths.
+        return error(500, f"internal error ({type(e).__name__}: {e}); the request failed, the server goes on")
+
+    app.add_middleware(Guard, state=state)
 
     @app.get("/health")
     async def health():
         if state.engine.failed:
             return JSONResponse({"status": "failed", "reason": state.engine.failed}, status_code=503)
+        if state.engine.closing:
+            return JSONResponse({"status": "shutting down", "reason": state.engine.closing}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(state.engine.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(state.engine.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
         created = int(time.time())
-        data = [{"id": state.served_name, "object": "model", "created": created, "owned_by": "hylo", "root": state.model_path, "parent": None}]
+        # No server paths: the base model's root is its served name (as in vLLM); an adapter's is its name, or
+        # for one loaded at runtime the path the client gave (relative to --lora-root).
+        data = [{"id": state.served_name, "object": "model", "created": created, "owned_by": "hylo", "root": state.served_name, "parent": None}]
+        paths = server_paths()
         data += [
-            {"id": name, "object": "model", "created": created, "owned_by": "hylo", "root": r.lora_path, "parent": state.served_name}
+            {"id": name, "object": "model", "created": created, "owned_by": "hylo", "root": hide_paths(r.lora_path, paths), "parent": state.served_name}
             for name, r in state.adapters.items()
         ]
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         lora = resolve_model(state, body.model)
         prompts = split_prompts(body.prompt)
         params = make_params(body, body.logprobs, state)
-        return await respond(state, body, lora, prompts, params, chat=False)
+        return await respond(state, body, lora, prompts, params, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         lora = resolve_model(state, body.model)
         tokenizer = state.engine.engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions")
         messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-        try:
-            prompt = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {})
-            )
+        kwargs = template_kwargs(state, body)
+        try:  # on a prompt worker thread: a slow template holds up neither the event loop nor the batch
+            prompt = await state.engine.prompts.render(messages, body.add_generation_prompt, kwargs)
         except Exception as e:  # a template may raise on unexpected roles or content
             raise ApiError(400, f"the chat template rejected these messages: {e}", "messages") from None
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await respond(state, body, lora, [prompt], make_params(body, logprobs, state), chat=True)
+        return await respond(state, body, lora, [prompt], make_params(body, logprobs, state), chat=True, request=request)
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):
         if state.lora_root is None:
             raise ApiError(403, "runtime adapter loading is off; start the server with --allow-runtime-lora --lora-root DIR")
-        if body.lora_name in state.adapters or body.lora_name == state.served_name:
-            raise ApiError(400, f"an adapter named '{body.lora_name}' is already loaded; unload it first", "lora_name")
+        name = body.lora_name
+        if not ADAPTER_NAME.fullmatch(name):
+            raise ApiError(400, f"lora_name must be {ADAPTER_NAME_RULE}", "lora_name")
+        if name in state.adapters or name == state.served_name:
+            raise ApiError(400, f"an adapter named '{name}' is already loaded; unload it first", "lora_name")
+        if name in state.loading:
+            raise ApiError(400, f"an adapter named '{name}' is being loaded by another request", "lora_name")
         path = inside_root(state.lora_root, body.lora_path)
-        request = LoRARequest(body.lora_name, next(state.ids), str(path))
+        request = LoRARequest(name, next(state.ids), str(path))
+        state.loading.add(name)  # no await between the checks above and this: one load of a name at a time
         try:
             await state.engine.call(lambda: state.engine.engine.add_lora(request))
         except (AdapterError, ValueError) as e:
             raise ApiError(400, str(e), "lora_path") from None
-        state.adapters[body.lora_name] = request
-        return PlainTextResponse(f"adapter '{body.lora_name}' loaded")
+        except Unavailable as e:
+            raise ApiError(503, str(e)) from None
+        finally:
+            state.loading.discard(name)
+        state.adapters[name] = request
+        return PlainTextResponse(f"adapter '{name}' loaded")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapterRequest):
@@ -137,16 +190,85 @@ def build_app(state: ServerState) -> FastAPI:
         if request is None:
             raise ApiError(404, f"no adapter named '{body.lora_name}' is loaded", "lora_name")
         # Requests already running with it finish with it; new requests for the name get 404.
-        await state.engine.call(lambda: state.engine.engine.lora.remove(request.lora_int_id))
+        try:
+            await state.engine.call(lambda: state.engine.engine.lora.remove(request.lora_int_id))
+        except Unavailable as e:
+            raise ApiError(503, str(e)) from None
         return PlainTextResponse(f"adapter '{body.lora_name}' unloaded")
 
     return app
 
 
+class Guard:
+    """Pure ASGI middleware (it leaves streaming and disconnect detection alone), before any route: the API
+    key (401), a server that takes no requests now (503: its engine failed, or it is shutting down), and
+    the body-size bound (413, from Content-Length or while reading, before the body is parsed)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state, headers = self.state, Headers(scope=scope)
+        if scope["path"].startswith("/v1/"):
+            if state.api_key and headers.get("authorization") != f"Bearer {state.api_key}":
+                return await _reply(scope, receive, send, 401, "missing or wrong API key (Authorization: Bearer KEY)")
+            if (refusing := state.engine.refusing) is not None:
+                return await _reply(scope, receive, send, 503, str(refusing))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = state.max_request_bytes
+        too_big = f"the request body is larger than this server takes ({limit} bytes, --max-request-bytes)"
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _reply(scope, receive, send, 413, too_big)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await _reply(scope, receive, send, 413, too_big)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        chunks.clear()
+
+        async def replay():
+            nonlocal body
+            if body is not None:
+                message, body = {"type": "http.request", "body": body, "more_body": False}, None
+                return message
+            return await receive()  # then the client's disconnect
+
+        return await self.app(scope, replay, send)
+
+
+async def _reply(scope, receive, send, status: int, message: str) -> None:
+    await JSONResponse(error_body(message, ERROR_TYPES[status], status), status_code=status)(scope, receive, send)
+
+
 def _text(content: str | list[dict] | None) -> str:
+    """A message's text; protocol.ChatMessage has already refused every part that is not {"type": "text", "text": str}."""
     if content is None or isinstance(content, str):
         return content or ""
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return "".join(part["text"] for part in content)
+
+
+def template_kwargs(state: ServerState, body) -> dict:
+    """The request's chat_template_kwargs; a chat template of its own only with --trust-request-chat-template
+    (rendering a template runs the client's code: a tiny one can loop for minutes)."""
+    kwargs = dict(body.chat_template_kwargs or {})
+    if getattr(body, "chat_template", None) is not None:
+        kwargs["chat_template"] = body.chat_template
+    if "chat_template" in kwargs and not state.trust_request_chat_template:
+        param = "chat_template" if getattr(body, "chat_template", None) is not None else "chat_template_kwargs.chat_template"
+        raise ApiError(400, "this server renders only its own chat template; a request's chat_template needs a server "
+                            "started with --trust-request-chat-template", param)
+    return kwargs
 
 
 def resolve_model(state: ServerState, name: str) -> LoRARequest | None:
@@ -157,11 +279,19 @@ def resolve_model(state: ServerState, name: str) -> LoRARequest | None:
     raise ApiError(404, f"model '{name}' does not exist; GET /v1/models lists the base model and loaded adapters", "model")
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # what loading opens
+
+
 def inside_root(root: Path, path: str) -> Path:
-    """The adapter folder, which must resolve (symlinks followed, '..' applied) to a place inside the root."""
+    """The adapter folder, which must resolve (symlinks followed, '..' applied) to a place inside the root,
+    and so must each file in it that loading opens (a file may be a symlink too)."""
     resolved = Path(os.path.realpath(root / path))
-    if os.path.commonpath([resolved, root]) != str(root):
-        raise ApiError(403, f"lora_path '{path}' is outside the server's --lora-root", "lora_path")
+    outside = [path] if os.path.commonpath([resolved, root]) != str(root) else [
+        f"{path}/{name}" for name in ADAPTER_FILES
+        if os.path.lexists(resolved / name) and os.path.commonpath([os.path.realpath(resolved / name), root]) != str(root)
+    ]
+    if outside:
+        raise ApiError(403, f"lora_path '{outside[0]}' is outside the server's --lora-root", "lora_path")
     return resolved
 
 
@@ -178,18 +308,29 @@ def split_prompts(prompt) -> list[str | dict]:
 def make_params(body, logprobs: int | None, state: ServerState):
     try:
         return body.sampling_params(logprobs, default_max_tokens=16 if isinstance(body, CompletionRequest) else state.engine.engine.max_model_len)
-    except ValueError as e:
-        param = str(e).split("=")[0].removeprefix("SamplingParams.") if str(e).startswith("SamplingParams.") else None
-        raise ApiError(400, str(e), param) from None
+    except ValueError as e:  # hylo.sampling.InvalidParam names the field
+        raise ApiError(400, str(e).removeprefix("SamplingParams."), getattr(e, "param", None)) from None
 
 
-async def respond(state: ServerState, body, lora, prompts, params, chat: bool):
+async def respond(state: ServerState, body, lora, prompts, params, chat: bool, request: Request | None = None):
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    streams = [state.engine.generate(f"{request_id}-{i}", p, params, lora) for i, p in enumerate(prompts)]
-    merged = merge(streams)
     try:
-        first = await anext(merged)  # validation errors surface here, before any byte is sent
-    except (ValueError, AdapterError) as e:
+        # Every prompt tokenized (on prompt worker threads) and checked against max_model_len first: a long
+        # prompt is refused before the engine, and before any other prompt of the request starts.
+        prompts = await until_gone(request, asyncio.gather(*(state.engine.prompts.prepare(p) for p in prompts)))
+        streams = [state.engine.generate(f"{request_id}-{i}", p, params, lora) for i, p in enumerate(prompts)]
+        merged = merge(streams)
+        # Validation errors surface here, before any byte is sent; a client gone meanwhile aborts its requests.
+        first = await until_gone(request, anext(merged))
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it
+    except Unavailable as e:  # the engine failed, or the server is shutting down
+        raise ApiError(503, str(e)) from None
+    except InvalidParam as e:  # the engine's checks of a request (prompt, logprobs, stop_token_ids, n) name the field
+        raise ApiError(400, str(e).removeprefix("SamplingParams."), e.param) from None
+    except AdapterError as e:  # the adapter that `model` names cannot be used
+        raise ApiError(400, str(e), "model") from None
+    except ValueError as e:  # an engine check that does not raise InvalidParam yet: those are about the prompt
         raise ApiError(400, str(e), "prompt" if "prompt" in str(e) or "max_model_len" in str(e) else None) from None
     except Overloaded as e:
         raise ApiError(503, str(e)) from None
@@ -199,12 +340,66 @@ async def respond(state: ServerState, body, lora, prompts, params, chat: bool):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(view.sse(first, merged, include_usage), media_type="text/event-stream")
-    finals = {}
-    index, out = first
-    finals[index] = out
-    async for index, out in merged:
-        finals[index] = out
+    try:
+        finals = await until_gone(request, collect(first, merged))
+    except ClientGone:
+        return Response(status_code=499)
+    except RequestFailed as e:
+        raise ApiError(500, f"the request failed: {e}") from None
+    except (Unavailable, Overloaded) as e:  # Overloaded: another prompt of a request with several was not admitted
+        raise ApiError(503, str(e)) from None
+    except (ValueError, AdapterError) as e:  # another prompt of the request was refused
+        raise ApiError(400, str(e).removeprefix("SamplingParams."), getattr(e, "param", None)) from None
     return view.whole([finals[i] for i in range(len(prompts))])
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+class RequestFailed(Exception):
+    """The engine finished the request with an error (RequestOutput.error); the rest of the batch goes on."""
+
+
+async def until_gone(request: Request | None, awaitable):
+    """Await `awaitable` unless the client disconnects first: then it is cancelled (closing the request
+    streams inside it aborts their engine requests, freeing their KV blocks and slots) and ClientGone raised."""
+    task = asyncio.ensure_future(awaitable)
+    if request is None:
+        return await task
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def collect(first, merged) -> dict:
+    """Every prompt's final RequestOutput, by prompt index; RequestFailed for the first that failed."""
+    finals = {}
+    item = first
+    try:
+        while item is not None:
+            index, out = item
+            if out.error is not None:
+                raise RequestFailed(out.error)
+            finals[index] = out
+            item = await anext(merged, None)
+    finally:
+        await merged.aclose()  # after a failure: abort the request's other prompts
+    return finals
 
 
 async def merge(streams):
@@ -241,6 +436,11 @@ async def merge(streams):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse_error(status: int, message: str, param: str | None = None) -> str:
+    """An error in the middle of a stream, in OpenAI's shape (the openai client raises it as APIError)."""
+    return f"data: {json.dumps(error_body(message, ERROR_TYPES[status], status, param))}\n\n"
 
 
 class Responder:
@@ -291,9 +491,23 @@ class Responder:
                 choices = [ch for c in out.outputs if (ch := self._delta(p, c)) is not None]
                 if choices:
                     yield self._event(choices)
+                if out.error is not None:  # this request failed on its own: an error event, then [DONE]
+                    yield sse_error(500, f"the request failed: {out.error}")
+                    yield "data: [DONE]\n\n"
+                    return
                 item = await anext(rest, None)
             if include_usage:
                 yield self._event([], usage=self._usage([finals[i] for i in sorted(finals)]))
+            yield "data: [DONE]\n\n"
+        except (Unavailable, Overloaded) as e:  # the engine failed, or the server is shutting down
+            yield sse_error(503, str(e))
+            yield "data: [DONE]\n\n"
+        except (ValueError, AdapterError) as e:  # another prompt of a request with several was refused
+            yield sse_error(400, str(e).removeprefix("SamplingParams."), getattr(e, "param", None))
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # never a stream cut off without a word
+            log.exception("stream %s failed", self.id)
+            yield sse_error(500, f"internal error ({type(e).__name__}: {e})")
             yield "data: [DONE]\n\n"
         finally:
             await rest.aclose()  # a client gone mid-stream: abort its requests, free their blocks and slots

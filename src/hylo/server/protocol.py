@@ -1,20 +1,175 @@
-"""OpenAI request bodies (with vLLM's common extras) and the mapping onto SamplingParams."""
+"""OpenAI request bodies (with vLLM's common extras), validated strictly, and the mapping onto SamplingParams.
+
+Nothing a client asks for is silently ignored:
+- every value must have its JSON type: "5" is not 5, true is not 1 (an integer is a number, though);
+  a null means "the default", as in OpenAI's API;
+- the OpenAI and vLLM fields that hylo does not implement are refused by name, unless they carry
+  the value that asks for nothing (what clients send by default: `logit_bias: {}`, `echo: false`,
+  `best_of: 1`, `tool_choice: "none"`, `response_format: {"type": "text"}`, ...);
+- any other unknown field is refused;
+- text must be valid Unicode (a lone UTF-16 surrogate such as "\\ud800" cannot be tokenized).
+
+Each refusal is a pydantic error; `describe` turns it into OpenAI's error `message` and `param`.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from hylo.sampling import SamplingParams
 
+# Adapter names end up in URLs, logs and Prometheus labels: a safe character set only.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}")
+ADAPTER_NAME_RULE = "1 to 128 letters, digits or . _ : @ + / -, starting with a letter or digit"
 
-class StreamOptions(BaseModel):
+
+def refuse(path: list, message: str) -> PydanticCustomError:
+    """A validation error for the field at `path` (relative to the model or field raising it)."""
+    return PydanticCustomError("hylo_refused", "{message}", {"message": message, "path": path})
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as the client wrote it (JSON), cut short."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def what(value: Any) -> str:
+    """'a string "5"', 'a boolean true', 'null': the JSON type and value a client sent."""
+    return "null" if value is None else f"{json_kind(value)} {shown(value)}"
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """JSON equality: 0 is not false, 1 is 1.0."""
+    if allowed is None or isinstance(allowed, bool):
+        return value is allowed
+    if isinstance(allowed, (int, float)):
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and value == allowed
+    return type(value) is type(allowed) and value == allowed
+
+
+def _unicode_problem(data: Any) -> tuple[list, str] | None:
+    """The path and description of the first string (or object key) that is not valid Unicode."""
+    stack: list[tuple[list, Any]] = [([], data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return path, f"a lone UTF-16 surrogate ({shown(value[e.start])}) at character {e.start}"
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                if isinstance(key, str) and _unicode_problem(key) is not None:
+                    return path, f"an object key that is not valid Unicode ({shown(key)})"
+                stack.append((path + [key], item))
+        elif isinstance(value, list):
+            stack.extend((path + [i], item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+class Body(BaseModel):
+    """Strict types; unknown fields refused; fields hylo does not implement refused unless neutral."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    # field → the values that ask for nothing (accepted and dropped); anything else is refused.
+    not_supported: ClassVar[dict[str, tuple]] = {}
+    where: ClassVar[str] = "this object"
+    check_unicode: ClassVar[bool] = False  # once, on the outermost body
+
+    @model_validator(mode="before")
+    @classmethod
+    def _screen(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # pydantic reports that an object is expected
+        if cls.check_unicode and (problem := _unicode_problem(data)) is not None:
+            path, found = problem
+            raise refuse(path, f"{format_param(path) or 'the body'} is not valid Unicode: it holds {found}; send UTF-8 text (in JSON, \\ud800-\\udfff escapes must come in surrogate pairs)")
+        kept = {}
+        for key, value in data.items():
+            if key in cls.model_fields:
+                field = cls.model_fields[key]
+                if value is None and not field.is_required():
+                    continue  # null means the default, as in OpenAI's API
+                kept[key] = value
+            elif key in cls.not_supported:
+                neutral = cls.not_supported[key]
+                if not any(_same(value, a) for a in neutral):
+                    accepted = " or ".join(shown(a) for a in neutral if a is not None)
+                    raise refuse([key], f"{key} is not supported by hylo; remove it" + (f" (hylo accepts only {accepted}, which asks for nothing)" if accepted else ""))
+            else:
+                raise refuse([key], f"unknown field {shown(key)}: {cls.where} does not take it; remove it (the fields hylo takes here: {', '.join(cls.model_fields)})")
+        return kept
+
+
+class StreamOptions(Body):
+    where = "stream_options"
+    not_supported = {"continuous_usage_stats": (None, False), "include_obfuscation": (None, False)}
+
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+# OpenAI and vLLM fields that neither endpoint implements.
+NOT_SUPPORTED = {
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "response_format": (None, {"type": "text"}),
+    "prompt_logprobs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "add_special_tokens": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "return_token_ids": (None, False),
+    "logits_processors": (None,),
+    "priority": (None, 0),
+    "request_id": (None,),
+    "cache_salt": (None,),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None,),
+}
 
+
+class SamplingFields(Body):
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -32,6 +187,25 @@ class SamplingFields(BaseModel):
     min_tokens: int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = None  # an end-user id for the caller's own bookkeeping: changes nothing
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _stop(cls, value: Any) -> str | list[str] | None:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            for i, s in enumerate(value):
+                if not isinstance(s, str):
+                    raise refuse([i], f"stop[{i}] must be a string, not {what(s)}")
+            return value
+        raise refuse([], f"stop must be a string or a list of strings, not {what(value)}")
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise refuse(["stream_options"], "stream_options is only allowed with stream: true; remove it or set stream to true")
+        return self
 
     def sampling_params(self, logprobs: int | None, default_max_tokens: int) -> SamplingParams:
         return SamplingParams(
@@ -43,36 +217,176 @@ class SamplingFields(BaseModel):
         )
 
 
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
+
+
+def _token_ids(value: list, path: list) -> list[int]:
+    for i, t in enumerate(value):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise refuse(path + [i], f"prompt{format_param(path + [i], nested=True)} must be a token id (an integer), not {what(t)}")
+    return value
+
+
 class CompletionRequest(SamplingFields):
+    where = "/v1/completions"
+    check_unicode = True
+    not_supported = {**NOT_SUPPORTED, "best_of": (None, 1), "suffix": (None, ""), "prompt_embeds": (None,)}
+
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
-    echo: bool = False
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, value: Any) -> str | list:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise refuse([], f"prompt must be {PROMPT_SHAPES}; not {what(value)}")
+        if not value:
+            raise refuse([], "prompt is empty; give some text or token ids")
+        if isinstance(value[0], str):
+            for i, p in enumerate(value):
+                if not isinstance(p, str):
+                    raise refuse([i], f"prompt[{i}] must be a string like the prompts before it, not {what(p)}")
+            return value
+        if isinstance(value[0], list):
+            for i, p in enumerate(value):
+                if not isinstance(p, list):
+                    raise refuse([i], f"prompt[{i}] must be a list of token ids like the prompts before it, not {what(p)}")
+                _token_ids(p, [i])
+            return value
+        if isinstance(value[0], int) and not isinstance(value[0], bool):
+            return _token_ids(value, [])
+        raise refuse([0], f"prompt must be {PROMPT_SHAPES}; prompt[0] is {what(value[0])}")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+ROLES = ("system", "developer", "user", "assistant")
+CONTENT_PART_TYPES_NOT_SUPPORTED = ("image_url", "input_audio", "file", "image", "audio_url", "video_url", "input_image", "input_file", "refusal")
+
+
+class ChatMessage(Body):
+    where = "a chat message"
+    # What clients echo back from a response message: accepted while it is empty.
+    not_supported = {
+        "name": (None,), "tool_calls": (None, []), "tool_call_id": (None,), "function_call": (None,), "refusal": (None,),
+        "audio": (None,), "annotations": (None, []), "reasoning_content": (None,), "reasoning": (None,),
+    }
 
     role: str
     content: str | list[dict] | None = None
 
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if value in ("tool", "function"):
+            raise refuse([], f"role {shown(value)} is not supported by hylo (no tool calling); use one of {', '.join(ROLES)}")
+        if value not in ROLES:
+            raise refuse([], f"role must be one of {', '.join(ROLES)}, not {shown(value)}")
+        return value
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _content(cls, value: Any) -> str | list[dict] | None:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise refuse([], f"content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts, not {what(value)}")
+        for i, part in enumerate(value):
+            if not isinstance(part, dict):
+                raise refuse([i], f"content[{i}] must be an object {{\"type\": \"text\", \"text\": ...}}, not {what(part)}")
+            kind = part.get("type")
+            if kind in CONTENT_PART_TYPES_NOT_SUPPORTED:
+                raise refuse([i, "type"], f"content parts of type {shown(kind)} are not supported by hylo: it takes text only ({{\"type\": \"text\", \"text\": ...}})")
+            if kind != "text":
+                raise refuse([i, "type"], f"unknown content part type {shown(kind)}; hylo takes {{\"type\": \"text\", \"text\": ...}} parts")
+            for key in part:
+                if key not in ("type", "text"):
+                    raise refuse([i, key], f"unknown field {shown(key)} in a text content part; remove it (a text part is {{\"type\": \"text\", \"text\": ...}})")
+            if not isinstance(part.get("text"), str):
+                raise refuse([i, "text"], f"a text content part's text must be a string, not {what(part.get('text'))}")
+        return value
+
 
 class ChatRequest(SamplingFields):
+    where = "/v1/chat/completions"
+    check_unicode = True
+    not_supported = {
+        **NOT_SUPPORTED,
+        "tools": (None, []),
+        "tool_choice": (None, "none"),
+        "functions": (None, []),
+        "function_call": (None, "none"),
+        "modalities": (None, ["text"]),
+        "audio": (None,),
+        "prediction": (None,),
+        "reasoning_effort": (None,),
+        "web_search_options": (None,),
+        "verbosity": (None,),
+        "store": (None, False),
+        "metadata": (None, {}),
+        "service_tier": (None, "auto", "default"),
+        "prompt_cache_key": (None,),
+        "continue_final_message": (None, False),
+        "documents": (None,),
+        "mm_processor_kwargs": (None,),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # rendered only by a server started with --trust-request-chat-template
+    parallel_tool_calls: bool | None = None  # no tools are accepted, so it changes nothing
+    safety_identifier: str | None = None  # like `user`
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise refuse(["top_logprobs"], "top_logprobs needs logprobs: true; set it, or remove top_logprobs")
+        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
+            raise refuse(["max_completion_tokens"], f"max_tokens={self.max_tokens} and max_completion_tokens={self.max_completion_tokens} disagree; give one of them")
+        return self
 
 
-class LoadAdapterRequest(BaseModel):
+class LoadAdapterRequest(Body):
+    where = "/v1/load_lora_adapter"
+    check_unicode = True
+
     lora_name: str
     lora_path: str
 
+    @field_validator("lora_name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not ADAPTER_NAME.fullmatch(value):
+            raise refuse([], f"lora_name must be {ADAPTER_NAME_RULE}; got {shown(value)}")
+        return value
 
-class UnloadAdapterRequest(BaseModel):
-    lora_name: str
-    lora_int_id: int | None = None
+    @field_validator("lora_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value or "\x00" in value:
+            raise refuse([], f"lora_path must be a folder inside the server's --lora-root (relative to it), without NUL characters; got {shown(value)}")
+        return value
+
+
+class UnloadAdapterRequest(Body):
+    where = "/v1/unload_lora_adapter"
+    check_unicode = True
+    not_supported = {"lora_int_id": (None,)}  # vLLM accepts it and unloads by name; so does hylo
+
+    lora_name: str = Field(min_length=1)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error",
+    503: "overloaded_error",
+}
 
 
 def error_body(message: str, kind: str, code: int, param: str | None = None) -> dict:
@@ -80,3 +394,66 @@ def error_body(message: str, kind: str, code: int, param: str | None = None) -> 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def format_param(path, nested: bool = False) -> str:
+    """('messages', 0, 'content', 1, 'text') → 'messages[0].content[1].text' (OpenAI's style)."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out or nested else str(p))
+    return out
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer", "float_type": "a number",
+    "float_parsing": "a number", "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+    "list_type": "a list", "dict_type": "an object", "model_type": "an object", "model_attributes_type": "an object",
+    "finite_number": "a finite number", "string_unicode": "a valid Unicode string",
+}
+
+
+def describe(error: dict, doc: Any = None) -> tuple[str, str | None]:
+    """OpenAI's (message, param) for a pydantic / FastAPI validation error; `doc` is the body as received."""
+    kind, ctx = error.get("type"), error.get("ctx") or {}
+    loc = list(error.get("loc", ()))
+    if kind == "json_invalid":
+        pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+        where = ""
+        if pos is not None and isinstance(doc, str):
+            line = doc.count("\n", 0, pos) + 1
+            where = f" at line {line} column {pos - (doc.rfind(chr(10), 0, pos) + 1) + 1} (character {pos})"
+        return f"the body is not valid JSON: {ctx.get('error', 'decode error')}{where}; send one JSON object", None
+    # Drop "body" and any union member tags ('list[int]', 'function-after[...]').
+    path = [p for p in loc[1:] if isinstance(p, int) or (isinstance(p, str) and p not in _TYPE_TAGS and not re.search(r"[\[\]\-]", p))]
+    path += list(ctx.get("path", ()))
+    param = format_param(path) or None
+    value = error.get("input")
+    if kind == "hylo_refused":
+        return ctx["message"], param
+    if kind == "too_short" and "min_length" in ctx:
+        return f"{param or 'the body'} must hold at least {ctx['min_length']} item(s), not {ctx.get('actual_length', 0)}", param
+    if param is None:
+        if kind == "missing":
+            return "the body is empty: send a JSON object with Content-Type: application/json", None
+        if isinstance(value, (bytes, bytearray)):
+            return "the body must be a JSON object sent with Content-Type: application/json", None
+        return f"the body must be a JSON object, not {json_kind(value)}", None
+    if kind == "missing":
+        return f"{param} is required", param
+    if kind in EXPECTED:
+        if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
+            return f"{param} must be a finite number, not {shown(value)}", param
+        return f"{param} must be {EXPECTED[kind]}, not {what(value)}", param
+    return f"{param}: {error.get('msg')}", param
+
+
+def hide_paths(text: str, paths: dict[str, str]) -> str:
+    """`text` with each server path (a key) replaced by what the client knows it as (its value; "" for a
+    root that client paths are relative to). Longest first, so that a folder inside another one wins."""
+    for path in sorted((p for p in paths if p.startswith("/") and p.strip("/")), key=len, reverse=True):
+        alias = paths[path]
+        text = re.sub(
+            r"(?<![\w./\-])" + re.escape(path.rstrip("/")) + r"(/|(?![\w.\-]))",
+            lambda m, alias=alias: (alias + "/" if alias else "") if m.group(1) else (alias or "."),
+            text,
+        )
+    return text
