@@ -12,25 +12,31 @@ import torch
 
 from hylo import LLM
 
-# Head counts divisible by 4 so the same checkpoints serve tensor-parallel tests at 1, 2 and 4 ranks.
+# Every dimension differs from every other (hidden, intermediate sizes, head dims, head counts, vocab,
+# experts, top-k, LoRA rank), so a transposed or mis-sliced tensor cannot pass by having the right shape.
+# Head counts, intermediate sizes and vocab split by 4, so the same checkpoints serve tensor-parallel
+# tests at 1, 2 and 4 ranks (the two KV heads are replicated at 4). Head dims are powers of two for the
+# Triton kernels; the hidden size need not be (the kernels mask it).
 TEXT = dict(
     vocab_size=320,
-    hidden_size=32,
+    hidden_size=48,
     num_hidden_layers=4,
-    num_attention_heads=4,
+    num_attention_heads=20,
     num_key_value_heads=2,
-    head_dim=16,
+    head_dim=32,
     linear_num_key_heads=4,
-    linear_num_value_heads=8,
+    linear_num_value_heads=12,
     linear_key_head_dim=8,
-    linear_value_head_dim=8,
+    linear_value_head_dim=16,
     initializer_range=0.08,
     eos_token_id=0,
     max_position_embeddings=512,
 )
-DENSE = dict(intermediate_size=64)
-MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
-VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+DENSE = dict(intermediate_size=80)
+MOE = dict(num_experts=10, num_experts_per_tok=3, moe_intermediate_size=24, shared_expert_intermediate_size=56)
+VISION = dict(depth=1, hidden_size=168, intermediate_size=72, num_heads=6, out_hidden_size=TEXT["hidden_size"])
+RANK = 5  # the adapters' default LoRA rank
+MAX_RANK = 14  # the test engines' max_lora_rank: above the ranks the tests use, and no dimension of the models
 
 KINDS = ["dense", "moe", "dense-vl", "moe-vl"]
 
@@ -129,15 +135,16 @@ def engines(checkpoints):
 def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """HF's greedy continuation (full forward each step, EOS not special) and its raw logits ([steps, vocab])."""
     ids, logits = list(prompt), []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for _ in range(steps):
-            last = model(torch.tensor([ids])).logits[0, -1].float()
+            last = model(torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
             logits.append(last)
             ids.append(int(last.argmax()))
     return ids[len(prompt) :], torch.stack(logits)
 
 
-def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 320) -> list[list[int]]:
+def random_prompts(lengths: list[int], seed: int = 0, vocab: int = TEXT["vocab_size"]) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
 
@@ -154,7 +161,7 @@ def adapters(tmp_path_factory, checkpoints):
     def make(kind: str, seed: int = 0, **lora) -> str:
         from peft import LoraConfig, get_peft_model
 
-        lora.setdefault("r", 4)
+        lora.setdefault("r", RANK)
         lora.setdefault("lora_alpha", 8)
         if kind.startswith("moe") and "target_modules" not in lora and "target_parameters" not in lora:
             lora.update(target_modules=MOE_TARGETS, target_parameters=EXPERT_PARAMETERS)
@@ -172,13 +179,49 @@ def adapters(tmp_path_factory, checkpoints):
     return make
 
 
-def hf_peft_greedy(kind: str, checkpoint: str, adapter: str | None, prompt: list[int], steps: int):
-    """HF+PEFT's greedy continuation (the reference), base model when adapter is None."""
+def hf_peft_greedy(kind: str, checkpoint: str, adapter: str | None, prompt: list[int], steps: int, device: str = "cpu"):
+    """HF+PEFT's greedy continuation (the reference), base model when adapter is None. Where fla-core is installed
+    transformers runs it for GDN, and fla needs CUDA tensors: GPU tests pass device="cuda"."""
     import transformers as tf
     from peft import PeftModel
 
     cls = tf.AutoModelForImageTextToText if kind.endswith("-vl") else tf.AutoModelForCausalLM
-    model = cls.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = cls.from_pretrained(checkpoint, dtype=torch.float32, device_map=device).eval()
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter).eval()
     return hf_greedy(model, prompt, steps)
+
+
+def per_expert_form(kind: str, checkpoint: str, adapter: str, folder) -> str:
+    """Rewrite a target_parameters adapter as per-expert modules (`experts.N.gate_proj` ...: a form some trainers
+    write, which PEFT cannot make on transformers' fused experts). Each expert's A and B are PEFT's own factors
+    (ParamWrapper.get_delta_factors) and gate_up_proj's rows are [gate | up] as transformers' forward chunks them,
+    so HF+PEFT on `adapter` is the reference for the result."""
+    import json
+    from pathlib import Path
+
+    import transformers as tf
+    from peft import PeftModel
+    from peft.tuners.lora.layer import ParamWrapper
+    from safetensors.torch import save_file
+
+    cls = tf.AutoModelForImageTextToText if kind.endswith("-vl") else tf.AutoModelForCausalLM
+    model = PeftModel.from_pretrained(cls.from_pretrained(checkpoint, dtype=torch.float32), adapter)
+    tensors = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, ParamWrapper):
+            continue
+        b, a, _ = module.get_delta_factors("default")  # [E, out, r], [E, r, in] (scaling: from the config)
+        experts = name.replace(".base_layer", "")
+        parts = ["gate_proj", "up_proj"] if module.parameter_name == "gate_up_proj" else ["down_proj"]
+        for e in range(module.num_experts):
+            for part, b_part in zip(parts, b[e].chunk(len(parts))):
+                tensors[f"{experts}.{e}.{part}.lora_A.weight"] = a[e].detach().clone()
+                tensors[f"{experts}.{e}.{part}.lora_B.weight"] = b_part.detach().contiguous()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    config.update(target_modules=r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj)", target_parameters=None)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return str(folder)

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from hylo import LLM, LoRARequest, SamplingParams
-from tests.conftest import KINDS, random_prompts
+from tests.conftest import KINDS, MAX_RANK, random_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
-# Measured on an H100: bf16 rounding over four layers moves these near-uniform models' logprobs by up to ~0.1.
-BF16_LOGPROB_ERROR = 0.15
+# Measured on an H200 on the fixtures' models: bf16 rounding over four layers moves these near-uniform models'
+# logprobs by up to ~0.2 in hylo, and by up to ~0.25 in HF transformers' own bf16 forward (MoE, on the same tokens).
+BF16_LOGPROB_ERROR = 0.25
 BF16_MARGIN = 2 * BF16_LOGPROB_ERROR
 CACHE = 1 << 28  # several engines share the GPU in one test process; production sizes from free memory
 
@@ -55,8 +56,8 @@ def test_cuda_lora_equals_cpu(kind, checkpoints, engines, adapters, monkeypatch)
         monkeypatch.setattr(triton_moe, "GEMV_PAIRS", 0)
         kind, first_id = "moe", 3  # the shared CPU engine already knows ids 1 and 2 as other folders
     prompts = random_prompts([5, 12, 7, 30, 2, 9], seed=92)
-    requests = [LoRARequest("g", first_id, adapters(kind, seed=93)), LoRARequest("h", first_id + 1, adapters(kind, seed=94, r=8)), None] * 2
-    options = dict(enable_lora=True, max_loras=2, max_lora_rank=16)
+    requests = [LoRARequest("g", first_id, adapters(kind, seed=93)), LoRARequest("h", first_id + 1, adapters(kind, seed=94, r=7)), None] * 2
+    options = dict(enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
     gpu = LLM(checkpoints(kind), device="cuda", dtype="float32", progress=False, kv_cache_memory_bytes=CACHE, **options)
     assert [o.token_ids for o in run(gpu, prompts, requests)] == [o.token_ids for o in run(engines(kind, **options), prompts, requests)]
 
@@ -65,13 +66,13 @@ def test_cuda_graphs_survive_adapter_swaps_and_equal_eager(checkpoints, adapters
     """One slot, three adapters in turn: each load rewrites the slot the captured graphs read. Graph replay and
     eager decode run the same kernels, so their float32 logprobs agree to the LoRA shrink's atomic-sum order."""
     prompts = random_prompts([6, 11], seed=95)
-    options = dict(progress=False, kv_cache_memory_bytes=CACHE, enable_lora=True, max_loras=1, max_lora_rank=8)
+    options = dict(progress=False, kv_cache_memory_bytes=CACHE, enable_lora=True, max_loras=1, max_lora_rank=9)
     graphs = LLM(checkpoints("dense"), device="cuda", dtype="float32", **options)
     eager = LLM(checkpoints("dense"), device="cuda", dtype="float32", enforce_eager=True, **options)
     assert graphs.llm_engine.executor.driver.graphs is not None and eager.llm_engine.executor.driver.graphs is None
-    cpu = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=8)
+    cpu = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=9)
     for i in range(3):
-        request = LoRARequest(f"a{i}", i + 1, adapters("dense", seed=96 + i, r=2 + 3 * i))
+        request = LoRARequest(f"a{i}", i + 1, adapters("dense", seed=96 + i, r=(1, 6, 9)[i]))
         got, same = run(graphs, prompts, request), run(eager, prompts, request)
         assert [o.token_ids for o in got] == [o.token_ids for o in run(cpu, prompts, request)]
         assert [o.token_ids for o in got] == [o.token_ids for o in same]

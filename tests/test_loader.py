@@ -13,7 +13,7 @@ from hylo.distributed import TPGroup
 from hylo.kernels import select_ops
 from hylo.loader import declared_parts
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
-from tests.conftest import KINDS, random_prompts
+from tests.conftest import KINDS, MOE, TEXT, random_prompts
 
 
 def copy_checkpoint(src, dst):
@@ -48,12 +48,13 @@ def test_sharded_checkpoint_with_index(checkpoints, hf_models, tmp_path):
 def test_fused_3d_expert_tensors_load_like_per_expert_ones(checkpoints, tmp_path):
     folder = copy_checkpoint(checkpoints("moe"), tmp_path / "fused")
     tensors = load_file(folder / "model.safetensors")
-    for layer in range(4):
+    experts = range(MOE["num_experts"])
+    for layer in range(TEXT["num_hidden_layers"]):
         p = f"model.layers.{layer}.mlp.experts."
-        gate = torch.stack([tensors.pop(f"{p}{e}.gate_proj.weight") for e in range(8)])
-        up = torch.stack([tensors.pop(f"{p}{e}.up_proj.weight") for e in range(8)])
+        gate = torch.stack([tensors.pop(f"{p}{e}.gate_proj.weight") for e in experts])
+        up = torch.stack([tensors.pop(f"{p}{e}.up_proj.weight") for e in experts])
         tensors[p + "gate_up_proj"] = torch.cat([gate, up], dim=1)  # [E, 2·I, H]
-        tensors[p + "down_proj"] = torch.stack([tensors.pop(f"{p}{e}.down_proj.weight") for e in range(8)])
+        tensors[p + "down_proj"] = torch.stack([tensors.pop(f"{p}{e}.down_proj.weight") for e in experts])  # [E, H, I]
     save_file(tensors, folder / "model.safetensors")
     prompt = random_prompts([13])[0]
     assert greedy(folder, prompt) == greedy(checkpoints("moe"), prompt)
@@ -93,7 +94,7 @@ def test_missing_tensor_is_named(checkpoints, tmp_path):
 def test_unexpected_tensor_is_named(checkpoints, tmp_path):
     folder = copy_checkpoint(checkpoints("dense"), tmp_path / "extra")
     tensors = load_file(folder / "model.safetensors")
-    tensors["model.layers.0.linear_attn.in_proj_qkvz.weight"] = torch.zeros(4, 32)
+    tensors["model.layers.0.linear_attn.in_proj_qkvz.weight"] = torch.zeros(4, TEXT["hidden_size"])
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ModelError, match="in_proj_qkvz"):
         LLM(str(folder), device="cpu", progress=False)
@@ -102,9 +103,10 @@ def test_unexpected_tensor_is_named(checkpoints, tmp_path):
 def test_wrong_shape_names_the_tensor(checkpoints, tmp_path):
     folder = copy_checkpoint(checkpoints("dense"), tmp_path / "shape")
     tensors = load_file(folder / "model.safetensors")
-    tensors["model.layers.3.self_attn.q_proj.weight"] = torch.zeros(64, 32)
+    queries, hidden = TEXT["num_attention_heads"] * TEXT["head_dim"], TEXT["hidden_size"]
+    tensors["model.layers.3.self_attn.q_proj.weight"] = torch.zeros(queries, hidden)  # without the gate's rows
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(ValueError, match=r"layers\.3\.self_attn\.q_proj\.weight.*shape \[64, 32\].*\[128, 32\]"):
+    with pytest.raises(ValueError, match=rf"layers\.3\.self_attn\.q_proj\.weight.*shape \[{queries}, {hidden}\].*\[{2 * queries}, {hidden}\]"):
         LLM(str(folder), device="cpu", progress=False)
 
 
@@ -114,7 +116,7 @@ def test_prompt_errors(engines):
         llm.generate({"prompt_token_ids": []})
     with pytest.raises(ValueError, match="70 tokens, but max_model_len is 64"):
         llm.generate({"prompt_token_ids": [1] * 70})
-    with pytest.raises(ValueError, match=r"must be in \[0, 320\)"):
+    with pytest.raises(ValueError, match=rf"must be in \[0, {TEXT['vocab_size']}\)"):
         llm.generate({"prompt_token_ids": [1, 999]})
     with pytest.raises(ValueError, match="must be a string or a dict"):
         llm.generate([[1, 2, 3]])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import array
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +53,30 @@ class StepInput:
     slot_mapping: list[int]
     logits_indices: list[int]
     lora_slots: list[int]  # per sequence, -1 for the base model
+
+    def pack(self) -> array.array:
+        """Every field in one int64 array (for the step channel): four lengths, then the lists in a fixed order."""
+        counts = [len(self.input_ids), len(self.query_lens), len(self.logits_indices), sum(map(len, self.block_tables))]
+        return array.array("q", itertools.chain(
+            counts, self.input_ids, self.positions, self.slot_mapping, self.query_lens, self.context_lens, self.state_slots,
+            self.lora_slots, map(len, self.block_tables), self.logits_indices, *self.block_tables,
+        ))
+
+    @staticmethod
+    def unpack(packed: Sequence[int]) -> StepInput:
+        tokens, seqs, sampled, _ = packed[:4].tolist()
+        fields = packed[4:].tolist()
+        sizes = [tokens] * 3 + [seqs] * 5 + [sampled]
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(fields[start : start + size])
+            start += size
+        ids, positions, slot_mapping, query_lens, context_lens, state_slots, lora_slots, table_lens, logits_indices = parts
+        tables = []
+        for n in table_lens:
+            tables.append(fields[start : start + n])
+            start += n
+        return StepInput(ids, positions, query_lens, context_lens, state_slots, tables, slot_mapping, logits_indices, lora_slots)
 
     @property
     def seq_lens(self) -> list[int]:

@@ -19,6 +19,11 @@ from safetensors.torch import save_file
 
 SHAPES = {
     "qwen3.5-9b": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {}),
+    # Qwen3.5-27B's text model (its published config): the dense model people split over two GPUs.
+    "qwen3.5-27b": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(
+        vocab_size=248320, hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24,
+        num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48,
+        linear_key_head_dim=128, linear_value_head_dim=128)),
     "qwen3.5-35b-a3b": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {}),
     # The same layers, half as many (20 of 40): per-layer ratios as the full shape, on an 80 GB GPU.
     "qwen3.5-35b-a3b-20l": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {"num_hidden_layers": 20}),
@@ -122,6 +127,29 @@ def decode_ms(llm, batch: int, loras: list, prompt_len: int, new_tokens: int) ->
     return 1e3 * (time.perf_counter() - start) / new_tokens
 
 
+def decode_step_ms(llm, batch: int, prompt_len: int, steps: int = 32) -> float:
+    """Wall time of one engine step once every sequence is decoding (prefill excluded): what a step costs the host
+    and the GPU together, without the anchor method's share of prefill."""
+    from hylo import SamplingParams
+
+    engine = llm.llm_engine
+    vocab = engine.model_config.text.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    g = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        engine.add_request(f"bench-step-{i}", {"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}, params)
+    while any(not r.sequences[0].output_ids for r in engine.requests.values()):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    seconds = time.perf_counter() - start  # each step ends reading its sampled tokens: the GPU is done
+    while engine.has_unfinished_requests():
+        engine.step()
+    return 1e3 * seconds / steps
+
+
 def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_len: int, new_tokens: int, prefill_tokens: int,
         hf: bool, out: Path | None, tensor_parallel_size: int = 1) -> dict:
     from hylo import LLM, LoRARequest
@@ -156,6 +184,11 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
                 ms = decode_ms(llm, b, loras[:n], prompt_len, new_tokens)
                 rows.append({"batch": b, "adapters": n, "ms_per_step": ms, "tokens_per_s": 1e3 * b / ms})
                 print(f"  batch {b:4d}, adapters {n}: {ms:8.2f} ms/step, {1e3 * b / ms:9.1f} tok/s", flush=True)
+        # The host's part of a decode step: a step's wall time beyond its captured GPU work.
+        result["decode_step"] = {b: {"step_ms": decode_step_ms(llm, b, prompt_len), "graph_ms": engine.executor.call("graph_replay_ms", b, 50)[0]}
+                                 for b in batches}
+        for step in result["decode_step"].values():
+            step["host_ms"] = step["step_ms"] - step["graph_ms"] if step["graph_ms"] is not None else None
         base = {r["batch"]: r["ms_per_step"] for r in rows if r["adapters"] == 0}
         for r in rows:
             r["vs_base"] = r["ms_per_step"] / base[r["batch"]] if r["batch"] in base else None
@@ -220,6 +253,19 @@ def hf_peft_ms(folder: Path, loras: list, prompt_len: int, new_tokens: int) -> d
     return out
 
 
+def print_scaling(runs: list[dict]) -> None:
+    """Each run's ms/step against the first run's (the smallest tensor-parallel size), same batch and adapters."""
+    first = {(row["batch"], row["adapters"]): row["ms_per_step"] for row in runs[0]["decode"]}
+    sizes = [r["tensor_parallel_size"] for r in runs]
+    print(f"\nms/step by tensor_parallel_size ({', '.join(map(str, sizes))}), and speed-up over TP={sizes[0]}")
+    columns = ["batch", "adapters", *(f"TP={n}" for n in sizes), "speed-up"]
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in runs[-1]["decode"]:
+        key = (row["batch"], row["adapters"])
+        times = [next(x["ms_per_step"] for x in r["decode"] if (x["batch"], x["adapters"]) == key) for r in runs]
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(f"{t:.2f}" for t in times) + f" | {first[key] / times[-1]:.2f}× |")
+
+
 def print_table(r: dict) -> None:
     print(f"\n{r['shape']} on {r['gpu']} × {r['tensor_parallel_size']} ({r['date']}); {r['method']}")
     print(f"copy {r['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {r['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, "
@@ -231,6 +277,9 @@ def print_table(r: dict) -> None:
     for row in r["decode"]:
         vs_base = f"{row['vs_base']:.2f}" if row["vs_base"] else "–"
         print(f"| {row['batch']} | {row['adapters']} | {row['ms_per_step']:.2f} | {row['tokens_per_s']:.0f} | {vs_base} | {row['vs_roofline']:.2f} |")
+    for batch, step in r["decode_step"].items():
+        graph = f", its captured GPU work {step['graph_ms']:.2f} ms, the host's part {step['host_ms']:.2f} ms" if step["graph_ms"] else ""
+        print(f"decode step alone, batch {batch}: {step['step_ms']:.2f} ms{graph}")
     if "adapter_swap" in r:
         w = r["adapter_swap"]
         print(f"adapter swap ({w['bytes'] / 2**20:.0f} MiB): queued in {w['queue_ms']:.2f} ms, copied in {w['copy_done_ms']:.2f} ms")

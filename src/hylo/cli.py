@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -72,15 +73,21 @@ def _check_adapter(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from hylo.bench import print_table, run
+    from hylo.bench import print_scaling, print_table, run
 
     if not torch.cuda.is_available():
         print("error: hylo bench measures a CUDA device, and none is visible", file=sys.stderr)
         return 2
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    result = run(args.shape, ints(args.batch), ints(args.adapters), args.rank, args.prompt_len, args.new_tokens,
-                 args.prefill_tokens, args.hf, Path(args.json) if args.json else None, args.tensor_parallel_size)
-    print_table(result)
+    runs = []
+    for tp in ints(args.tensor_parallel_size):  # in one process, one after another: ratios from the same run
+        runs.append(run(args.shape, ints(args.batch), ints(args.adapters), args.rank, args.prompt_len, args.new_tokens,
+                        args.prefill_tokens, args.hf and not runs, None, tp))
+        print_table(runs[-1])
+    if len(runs) > 1:
+        print_scaling(runs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs}, indent=2))
     return 0
 
 
@@ -115,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-lora-rank", type=int, default=64)
     check.set_defaults(run=_check_adapter)
     bench = sub.add_parser("bench", help="decode/prefill speed on a named shape with random weights (needs CUDA)")
-    bench.add_argument("--shape", default="qwen3.5-9b", help="qwen3.5-9b, qwen3.5-35b-a3b, qwen3.5-35b-a3b-20l (half the layers) or tiny")
+    bench.add_argument("--shape", default="qwen3.5-9b",
+                       help="qwen3.5-9b, qwen3.5-27b, qwen3.5-35b-a3b, qwen3.5-35b-a3b-20l (half the layers) or tiny")
     bench.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
     bench.add_argument("--adapters", default="0,1,4", help="comma-separated numbers of distinct adapters")
     bench.add_argument("--rank", type=int, default=16)
@@ -124,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefill-tokens", type=int, default=8192)
     bench.add_argument("--hf", action="store_true", help="also time HF transformers + PEFT at batch 1")
     bench.add_argument("--json", help="write the figures here")
-    bench.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks; weights and roofline are per rank")
+    bench.add_argument("--tensor-parallel-size", default="1",
+                       help="comma-separated sizes, run one after another in one process (e.g. 1,2: TP=2 against its TP=1 baseline); "
+                            "weights and roofline are per rank")
     bench.set_defaults(run=_bench)
     from hylo.server.serve import add_arguments, serve
 

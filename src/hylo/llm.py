@@ -99,6 +99,8 @@ class LLM:
         if len(loras) != len(prompts):
             raise ValueError(f"{len(loras)} lora_requests for {len(prompts)} prompts; give one, or one per prompt")
         engine = self.llm_engine
+        for lora in {lora.lora_int_id: lora for lora in loras if lora is not None}.values():
+            engine.add_lora(lora)  # read up front: a refused adapter raises here, before anything runs
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:

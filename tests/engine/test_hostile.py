@@ -2,6 +2,7 @@
 failure stays its own, adapters unloaded while queued, engines made and dropped in a row."""
 
 import shutil
+import threading
 import weakref
 
 import pytest
@@ -166,24 +167,53 @@ def test_unloading_an_adapter_while_its_requests_queue(checkpoints, adapters):
         llm.add_lora(LoRARequest("a", 1, "/nonexistent"))
 
 
-def test_an_adapter_that_cannot_be_loaded_fails_its_requests_only(checkpoints, adapters, tmp_path, monkeypatch):
-    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=8)
-    shutil.copytree(adapters("dense", seed=4), tmp_path / "a")
-    lora = LoRARequest("a", 1, str(tmp_path / "a"))
-    llm.add_lora(lora)
-    driver = llm.llm_engine.executor.driver
-    real = driver.lora_load
+def run_engine(engine) -> dict[str, object]:
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return done
 
-    def lora_load(slot, lora_id):
-        raise AdapterError("adapter 'a': gone")
 
-    monkeypatch.setattr(driver, "lora_load", lora_load)
+def test_an_adapter_read_runs_off_the_step_loop(checkpoints, adapters, monkeypatch):
+    """An adapter that fell out of host memory is read again on a thread while the base request keeps decoding;
+    its own request waits in the queue, then gets the adapter's tokens."""
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=8)
+    a, b = (LoRARequest(n, i + 1, adapters("dense", seed=40 + i)) for i, n in enumerate("ab"))
+    expected = greedy(llm, lora=a)
+    llm.add_lora(b)  # host memory holds one adapter: a is dropped
+    engine = llm.llm_engine
+    assert 1 not in engine.lora.host
+    store, gate = engine.executor.driver.lora, threading.Event()
+    real = store.register
+    monkeypatch.setattr(store, "register", lambda request: (gate.wait(30), real(request)))
+    engine.add_request("base", {"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    engine.add_request("a", {"prompt_token_ids": PROMPT}, GREEDY, a)
+    while not (outs := engine.step()) or not outs[0].outputs[0].token_ids:
+        pass
+    for _ in range(4):
+        engine.step()
+    assert len(engine.requests["base"].sequences[0].output_ids) >= 5 and not engine.requests["a"].sequences[0].output_ids
+    gate.set()
+    done = run_engine(engine)
+    assert done["a"].outputs[0].token_ids == expected and done["a"].error is None
+    assert_idle(llm)
+
+
+def test_an_adapter_refused_when_read_again_fails_its_requests_only(checkpoints, adapters, tmp_path):
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=8)
+    shutil.copytree(adapters("dense", seed=42), tmp_path / "a")
+    a, b = LoRARequest("a", 1, str(tmp_path / "a")), LoRARequest("b", 2, adapters("dense", seed=43))
+    llm.add_lora(a)
+    llm.add_lora(b)  # a is dropped from host memory...
+    shutil.rmtree(tmp_path / "a")  # ...and its folder is gone when a request asks for it again
     expected = greedy(llm)
-    outs = llm.generate([{"prompt_token_ids": PROMPT}] * 2, GREEDY, lora_request=[lora, None])
-    assert outs[0].error == "adapter 'a': gone" and outs[1].outputs[0].token_ids == expected
-    assert llm.llm_engine.lora.slot_lora == [None]
-    monkeypatch.setattr(driver, "lora_load", real)
-    assert greedy(llm, lora=lora) != expected  # loads and applies once it can
+    engine = llm.llm_engine
+    engine.add_request("a", {"prompt_token_ids": PROMPT}, GREEDY, a)
+    engine.add_request("base", {"prompt_token_ids": PROMPT}, GREEDY)
+    done = run_engine(engine)
+    assert "does not exist" in done["a"].error and done["a"].outputs[0].finish_reason == "error"
+    assert done["base"].outputs[0].token_ids == expected and done["base"].error is None
+    assert 1 not in engine.lora.host and not engine.lora.reading
     assert_idle(llm)
 
 

@@ -12,7 +12,7 @@ import pytest
 from hylo import LLM, LoRARequest, SamplingParams
 from hylo.engine.executor import WorkerDied
 from hylo.layers.parts import ShardError
-from tests.conftest import EXPERT_PARAMETERS, hf_peft_greedy, random_prompts
+from tests.conftest import EXPERT_PARAMETERS, MAX_RANK, TEXT, hf_peft_greedy, per_expert_form, random_prompts
 
 STEPS = 8
 
@@ -21,7 +21,8 @@ def tp_engine(checkpoints, kind, tp, **options):
     return LLM(checkpoints(kind), device="cpu", progress=False, tensor_parallel_size=tp, **options)
 
 
-def check_mixed_batch(llm, kind, checkpoints, loras, seed):
+def check_mixed_batch(llm, kind, checkpoints, loras, seed, references=None):
+    """Each request against HF+PEFT on its adapter (or on `references[path]`, the adapter it was rewritten from)."""
     prompts = random_prompts([4 + 3 * i for i in range(len(loras))], seed=seed)
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=2)
     try:
@@ -29,7 +30,8 @@ def check_mixed_batch(llm, kind, checkpoints, loras, seed):
     finally:
         llm.llm_engine.shutdown()
     for prompt, lora, out in zip(prompts, loras, outs):
-        tokens, logits = hf_peft_greedy(kind, checkpoints(kind), lora.lora_path if lora else None, prompt, STEPS)
+        reference = (references or {}).get(lora.lora_path, lora.lora_path) if lora else None
+        tokens, logits = hf_peft_greedy(kind, checkpoints(kind), reference, prompt, STEPS)
         assert out.outputs[0].token_ids == tokens, f"adapter {lora.lora_name if lora else 'none'}"
         for step, entry in enumerate(out.outputs[0].logprobs):
             for token, lp in entry.items():
@@ -45,25 +47,38 @@ def test_every_target_at_tp_equals_hf_peft(kind, tp, checkpoints, adapters):
     if kind.startswith("moe"):
         folders.append(adapters(kind, seed=110, target_modules=None, target_parameters=EXPERT_PARAMETERS))
     loras = [None] + [LoRARequest(f"t{i}", i + 1, f) for i, f in enumerate(folders)]
-    llm = tp_engine(checkpoints, kind, tp, enable_lora=True, max_loras=2, max_lora_rank=8)
+    llm = tp_engine(checkpoints, kind, tp, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
     check_mixed_batch(llm, kind, checkpoints, loras, seed=120 + tp)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_routed_expert_adapters_in_both_forms_at_tp_equal_hf_peft(tp, checkpoints, adapters, tmp_path):
+    """Routed-expert LoRA where the hidden size differs from the experts' intermediate size, as PEFT's
+    target_parameters and as per-expert modules, mixed in one batch with the base model."""
+    fused = adapters("moe", seed=150, target_modules=None, target_parameters=EXPERT_PARAMETERS)
+    original = adapters("moe", seed=151, target_modules=None, target_parameters=EXPERT_PARAMETERS)
+    per_expert = per_expert_form("moe", checkpoints("moe"), original, tmp_path / "per-expert")
+    loras = [LoRARequest("fused", 1, fused), None, LoRARequest("per-expert", 2, per_expert), LoRARequest("fused", 1, fused)]
+    llm = tp_engine(checkpoints, "moe", tp, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
+    check_mixed_batch(llm, "moe", checkpoints, loras, seed=160 + tp, references={per_expert: original})
 
 
 @pytest.mark.parametrize("max_loras", [1, 2, 4])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_tp_by_max_loras_matrix(tp, max_loras, checkpoints, adapters):
-    """No adapter and adapters of ranks 2, 4 and 8 mixed in one batch, against per-request HF+PEFT."""
-    folders = [adapters("dense", seed=130 + r, r=r) for r in (2, 4, 8)]
-    loras = [None, LoRARequest("r2", 1, folders[0]), LoRARequest("r4", 2, folders[1]), None, LoRARequest("r8", 3, folders[2]), LoRARequest("r2", 1, folders[0])]
-    llm = tp_engine(checkpoints, "dense", tp, enable_lora=True, max_loras=max_loras, max_lora_rank=8)
+    """No adapter and adapters of ranks 1, 6 and 9 mixed in one batch, against per-request HF+PEFT."""
+    folders = [adapters("dense", seed=130 + r, r=r) for r in (1, 6, 9)]
+    loras = [None, LoRARequest("r1", 1, folders[0]), LoRARequest("r6", 2, folders[1]), None, LoRARequest("r9", 3, folders[2]), LoRARequest("r1", 1, folders[0])]
+    llm = tp_engine(checkpoints, "dense", tp, enable_lora=True, max_loras=max_loras, max_lora_rank=9)
     check_mixed_batch(llm, "dense", checkpoints, loras, seed=140)
 
 
 def test_sizes_that_do_not_split_are_refused_naming_the_dimension(checkpoints):
     with pytest.raises(ShardError, match=r"tensor_parallel_size=3.*units.*sizes that work: 1, 2, 4"):
         tp_engine(checkpoints, "dense", 3)
-    # 4 GDN key heads cannot be replicated like KV heads: 8 ranks are refused, naming the block.
-    with pytest.raises(ShardError, match=r"linear_attn.*block 'q' has 4 units.*tensor_parallel_size=8"):
+    # GDN key heads cannot be replicated like KV heads: 8 ranks are refused, naming the block.
+    key_heads = TEXT["linear_num_key_heads"]
+    with pytest.raises(ShardError, match=rf"linear_attn.*block 'q' has {key_heads} units.*tensor_parallel_size=8"):
         tp_engine(checkpoints, "dense", 8)
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from hylo import LoRARequest, SamplingParams
@@ -15,7 +15,7 @@ from hylo.distributed import TPGroup
 from hylo.kernels import select_ops
 from hylo.lora.adapter import lora_targets, untargetable
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
-from tests.conftest import KINDS, build_hf_model, hf_peft_greedy, random_prompts
+from tests.conftest import KINDS, MAX_RANK, RANK, build_hf_model, hf_peft_greedy, random_prompts
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -39,35 +39,6 @@ def test_every_peft_linear_target_maps_to_exactly_one_part(kind, checkpoints):
             assert targets[ours].part.lora == "parameter"
 
 
-def test_per_expert_module_adapters_equal_their_target_parameters_form(checkpoints, engines, adapters, tmp_path):
-    """Some trainers write experts.N.gate_proj/up_proj/down_proj; rewritten from a PEFT target_parameters
-    adapter, they must give HF+PEFT's output for the original."""
-    original = adapters("moe", seed=70, target_modules=None, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    tensors = load_file(f"{original}/adapter_model.safetensors")
-    per_expert = {}
-    for layer in range(4):
-        p = f"base_model.model.model.layers.{layer}.mlp.experts."
-        for wrapped, names in ((p + "base_layer.", ["gate_proj", "up_proj"]), (p, ["down_proj"])):
-            a, b = tensors[wrapped + "lora_A.weight"], tensors[wrapped + "lora_B.weight"]
-            experts, r = 8, a.shape[0] // 8
-            a_e, b_e = a.reshape(experts, r, -1), b.reshape(b.shape[0], r, experts).permute(2, 0, 1)
-            rows = b.shape[0] // len(names)
-            for e in range(experts):
-                for j, name in enumerate(names):
-                    per_expert[f"{p}{e}.{name}.lora_A.weight"] = a_e[e].clone()
-                    per_expert[f"{p}{e}.{name}.lora_B.weight"] = b_e[e, j * rows : (j + 1) * rows].contiguous()
-    folder = tmp_path / "per-expert"
-    folder.mkdir()
-    save_file(per_expert, folder / "adapter_model.safetensors")
-    config = json.loads(open(f"{original}/adapter_config.json").read())
-    config.update(target_modules=r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj)", target_parameters=None)
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    llm = engines("moe", enable_lora=True, max_loras=2, max_lora_rank=16)
-    prompt = random_prompts([9], seed=71)[0]
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), lora_request=LoRARequest("pe", 3001, str(folder)))
-    assert out[0].outputs[0].token_ids == hf_peft_greedy("moe", checkpoints("moe"), original, prompt, 10)[0]
-
-
 def test_fused_qkvz_and_ba_adapters_split_when_unambiguous(tmp_path):
     """With one key head the flat and per-head-grouped row orders coincide, so in_proj_qkvz / in_proj_ba
     adapters are split into their declared parts and must equal HF+PEFT on the split form."""
@@ -81,7 +52,7 @@ def test_fused_qkvz_and_ba_adapters_split_when_unambiguous(tmp_path):
     text = tf.Qwen3_5TextConfig(**{**TEXT, "linear_num_key_heads": 1, "linear_num_value_heads": 2}, **DENSE)
     base = tf.Qwen3_5ForCausalLM(text).eval()
     base.save_pretrained(tmp_path / "base")
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]))
+    peft = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=8, init_lora_weights=False, target_modules=["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]))
     tensors = {k: v * 4 if "lora_B" in k else v for k, v in peft.state_dict().items() if "lora_" in k}
     tensors = {k.replace(".default", ""): v.contiguous() for k, v in tensors.items()}
     fused = {}
@@ -99,7 +70,7 @@ def test_fused_qkvz_and_ba_adapters_split_when_unambiguous(tmp_path):
     config["target_modules"] = ["in_proj_qkvz", "in_proj_ba"]
     (tmp_path / "fused" / "adapter_config.json").write_text(json.dumps(config))
 
-    llm = LLM(str(tmp_path / "base"), device="cpu", progress=False, enable_lora=True, max_lora_rank=8)
+    llm = LLM(str(tmp_path / "base"), device="cpu", progress=False, enable_lora=True, max_lora_rank=MAX_RANK)
     prompt = random_prompts([8], seed=72)[0]
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), lora_request=LoRARequest("f", 1, str(tmp_path / "fused")))
     ref = hf_peft_greedy("dense", str(tmp_path / "base"), str(tmp_path / "split"), prompt, 10)[0]

@@ -5,14 +5,14 @@ import itertools
 import pytest
 
 from hylo import LoRARequest, SamplingParams
-from tests.conftest import DENSE_TARGETS, EXPERT_PARAMETERS, hf_peft_greedy, random_prompts
+from tests.conftest import DENSE_TARGETS, EXPERT_PARAMETERS, MAX_RANK, hf_peft_greedy, random_prompts
 
 STEPS = 12
 _ids = itertools.count(1)
 
 
 def check_against_peft(kind, checkpoints, engines, adapter, prompts=None):
-    llm = engines(kind, enable_lora=True, max_loras=2, max_lora_rank=16)
+    llm = engines(kind, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
     prompts = prompts or random_prompts([5, 21], seed=31)
     request = LoRARequest(f"a{next(_ids)}", next(_ids), adapter)
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=3)
@@ -58,7 +58,7 @@ def test_all_targets_together(kind, checkpoints, engines, adapters):
     [
         dict(lora_alpha=3),
         dict(use_rslora=True, r=9, lora_alpha=5),
-        dict(rank_pattern={"in_proj_z": 2, "layers.3.self_attn.q_proj": 7}, alpha_pattern={"out_proj": 20}),
+        dict(rank_pattern={"in_proj_z": 6, "layers.3.self_attn.q_proj": 7}, alpha_pattern={"out_proj": 20}),
         dict(layers_to_transform=[0, 3]),
         dict(target_modules=r".*\.(in_proj_b|o_proj|down_proj)"),
         dict(r=1),
@@ -70,5 +70,5 @@ def test_scaling_variants(variant, checkpoints, engines, adapters):
 
 
 def test_moe_variants(checkpoints, engines, adapters):
-    adapter = adapters("moe", seed=5, rank_pattern={"mlp.experts.down_proj": 2}, alpha_pattern={"gate_up_proj": 3}, use_rslora=True)
+    adapter = adapters("moe", seed=5, rank_pattern={"mlp.experts.down_proj": 7}, alpha_pattern={"gate_up_proj": 3}, use_rslora=True)
     check_against_peft("moe", checkpoints, engines, adapter)

@@ -1,6 +1,7 @@
 """Every adapter hylo cannot apply exactly is refused at load, naming the module and the reason; serving goes on."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hylo import AdapterError, LoRARequest, SamplingParams
-from tests.conftest import random_prompts
+from tests.conftest import EXPERT_PARAMETERS, MAX_RANK, RANK, TEXT, random_prompts
 
 _ids = iter(range(1000, 2000))
 
@@ -35,7 +36,7 @@ def refused(llm, folder, match):
 
 @pytest.fixture
 def llm(engines):
-    return engines("dense", enable_lora=True, max_loras=2, max_lora_rank=16)
+    return engines("dense", enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
 
 
 @pytest.fixture
@@ -52,14 +53,16 @@ def test_modules_to_save(llm, good, tmp_path):
 
 
 def test_rank_above_max(llm, adapters):
-    refused(llm, adapters("dense", seed=61, r=32), r"rank 32 is above max_lora_rank=16.*max_lora_rank >= 32")
+    r = MAX_RANK + 1
+    refused(llm, adapters("dense", seed=61, r=r), rf"rank {r} is above max_lora_rank={MAX_RANK}.*max_lora_rank >= {r}")
 
 
 def test_adapter_for_another_model(llm, tmp_path, good):
     def widen(w):
         key = "base_model.model.model.layers.0.linear_attn.in_proj_z.lora_A.weight"
-        w[key] = torch.randn(4, 48)
-    refused(llm, edited(good, tmp_path, tensors=widen), r"in_proj_z.*shapes A \[4, 48\].*expects A \[r, 32\]")
+        w[key] = torch.randn(RANK, 2 * TEXT["hidden_size"])
+    match = rf"in_proj_z.*shapes A \[{RANK}, {2 * TEXT['hidden_size']}\].*expects A \[r, {TEXT['hidden_size']}\]"
+    refused(llm, edited(good, tmp_path, tensors=widen), match)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +82,7 @@ def test_conv1d_tensors_are_refused(llm, good, tmp_path):
 
 
 def test_vision_tower_tensors(engines, tmp_path, adapters):
-    llm = engines("dense-vl", enable_lora=True, max_loras=2, max_lora_rank=16)
+    llm = engines("dense-vl", enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
     def add_vision(w):
         w["base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight"] = torch.randn(4, 16)
         w["base_model.model.model.visual.blocks.0.attn.qkv.lora_B.weight"] = torch.randn(48, 4)
@@ -105,7 +108,28 @@ def test_a_targeted_module_without_tensors(llm, good, tmp_path):
 
 
 def test_rank_disagreeing_with_config(llm, good, tmp_path):
-    refused(llm, edited(good, tmp_path, {"r": 8}), "gives rank 8 for this module but its tensors have rank 4")
+    refused(llm, edited(good, tmp_path, {"r": RANK + 2}), f"gives rank {RANK + 2} for this module but its tensors have rank {RANK}")
+
+
+@pytest.mark.parametrize(
+    "kind, key, value",
+    [
+        ("dense", "layers.1.linear_attn.in_proj_z.lora_B.weight", float("nan")),
+        ("dense", "layers.3.self_attn.q_proj.lora_A.weight", float("inf")),
+        ("moe", "layers.2.mlp.experts.lora_B.weight", float("-inf")),  # PEFT's target_parameters (down_proj)
+    ],
+    ids=["nan", "inf", "expert-minus-inf"],
+)
+def test_non_finite_weights(kind, key, value, engines, adapters, tmp_path):
+    """One NaN or ±inf value would make every output of a request using the adapter NaN: refused at load."""
+    lora = dict(target_modules=None, target_parameters=EXPERT_PARAMETERS) if kind == "moe" else {}
+    def poison(w):
+        w["base_model.model.model." + key][1, 2] = value
+    folder = edited(adapters(kind, seed=65, **lora), tmp_path, tensors=poison)
+    module = re.escape(key.rpartition(".lora_")[0])
+    matrix = key.split(".")[-2]
+    refused(engines(kind, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK), folder,
+            rf"adapter 'bad' .* is refused:\n  base_model\.model\.model\.{module}: {matrix} holds NaN or infinite values")
 
 
 def test_missing_and_corrupt_files(llm, good, tmp_path):
@@ -125,7 +149,7 @@ def test_fused_qkvz_names_are_refused_when_the_row_order_is_ambiguous(llm, good,
         w[p + "in_proj_qkvz.lora_A.weight"] = w.pop(p + "in_proj_qkv.lora_A.weight")
         w[p + "in_proj_qkvz.lora_B.weight"] = torch.cat([w.pop(p + "in_proj_qkv.lora_B.weight"), w.pop(p + "in_proj_z.lora_B.weight")])
         del w[p + "in_proj_z.lora_A.weight"]
-    refused(llm, edited(good, tmp_path, tensors=fuse), r"in_proj_qkvz' rows may be ordered flat or grouped per key head; with 4 key heads")
+    refused(llm, edited(good, tmp_path, tensors=fuse), rf"in_proj_qkvz' rows may be ordered flat or grouped per key head; with {TEXT['linear_num_key_heads']} key heads")
 
 
 def test_serving_goes_on_after_a_refusal(llm, good, tmp_path):

@@ -4,18 +4,18 @@ import pytest
 import torch
 
 from hylo import LLM, LoRARequest, SamplingParams
-from tests.conftest import hf_peft_greedy, random_prompts
+from tests.conftest import MAX_RANK, hf_peft_greedy, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
 def test_mixed_batch_with_slot_swaps_equals_each_request_alone(checkpoints, adapters):
-    """Base + 3 adapters (ranks 2, 4, 8) with 2 device slots: slots must be reloaded mid-run."""
-    folders = [adapters("dense", seed=10 + i, r=r) for i, r in enumerate([2, 4, 8])]
+    """Base + 3 adapters (ranks 1, 6, 9) with 2 device slots: slots must be reloaded mid-run."""
+    folders = [adapters("dense", seed=10 + i, r=r) for i, r in enumerate([1, 6, 9])]
     requests = [None] + [LoRARequest(f"m{i}", 50 + i, f) for i, f in enumerate(folders)]
     prompts = random_prompts([6, 14, 3, 9, 20, 5, 11, 8], seed=41)
     loras = [requests[i % 4] for i in range(len(prompts))]
-    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=2, max_lora_rank=8, max_cpu_loras=2)
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=2, max_lora_rank=9, max_cpu_loras=2)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, lora_request=loras)
     for prompt, lora, out in zip(prompts, loras, outs):
         ref, _ = hf_peft_greedy("dense", checkpoints("dense"), lora.lora_path if lora else None, prompt, 10)
@@ -30,7 +30,7 @@ def test_lora_enabled_but_unused_equals_lora_off(checkpoints, engines):
     prompts = random_prompts([7, 30], seed=42)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
     off = engines("moe").generate([{"prompt_token_ids": p} for p in prompts], params)
-    on = engines("moe", enable_lora=True, max_loras=2, max_lora_rank=16).generate([{"prompt_token_ids": p} for p in prompts], params)
+    on = engines("moe", enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK).generate([{"prompt_token_ids": p} for p in prompts], params)
     for a, b in zip(off, on):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
@@ -40,7 +40,7 @@ def test_lora_enabled_but_unused_equals_lora_off(checkpoints, engines):
 
 def test_a_request_never_waits_for_an_unrelated_adapter(checkpoints, adapters):
     """One slot, busy with adapter A's long request: a base request and another A request still run."""
-    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=8)
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=MAX_RANK)
     engine = llm.llm_engine
     a = LoRARequest("A", 1, adapters("dense", seed=20))
     b = LoRARequest("B", 2, adapters("dense", seed=21))
@@ -58,7 +58,7 @@ def test_a_request_never_waits_for_an_unrelated_adapter(checkpoints, adapters):
 
 
 def test_add_list_remove(checkpoints, adapters):
-    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=2, max_lora_rank=8)
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
     request = LoRARequest("x", 7, adapters("dense", seed=22))
     assert llm.add_lora(request)
     assert llm.list_loras() == {7}
@@ -72,7 +72,7 @@ def test_add_list_remove(checkpoints, adapters):
 
 
 def test_same_id_for_another_folder_is_refused(checkpoints, adapters, engines):
-    llm = engines("dense", enable_lora=True, max_loras=2, max_lora_rank=16)
+    llm = engines("dense", enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
     llm.add_lora(LoRARequest("one", 900, adapters("dense", seed=23)))
     with pytest.raises(ValueError, match="lora_int_id 900 is already 'one'"):
         llm.add_lora(LoRARequest("two", 900, adapters("dense", seed=24)))
@@ -91,6 +91,6 @@ def test_adapter_bin_format(checkpoints, engines, adapters, tmp_path):
     shutil.copytree(adapters("dense", seed=25), folder)
     torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
     (folder / "adapter_model.safetensors").unlink()
-    llm = engines("dense", enable_lora=True, max_loras=2, max_lora_rank=16)
+    llm = engines("dense", enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
     out = llm.generate({"prompt_token_ids": [4, 5]}, GREEDY, lora_request=LoRARequest("bin", 901, str(folder)))[0]
     assert out.outputs[0].token_ids == hf_peft_greedy("dense", checkpoints("dense"), str(folder), [4, 5], 10)[0]

@@ -128,6 +128,18 @@ def test_a_request_failing_alone_gets_an_error_and_the_batch_goes_on(monkeypatch
         state.engine.stop()
 
 
+def two_streams_and_a_request(s: Server):
+    """Two long streams and one non-streaming request, all three running: (stream futures, request future)."""
+    pool = ThreadPoolExecutor(3)
+    started = [threading.Event(), threading.Event()]
+    streams = [pool.submit(sse, s, LONG, started[i], key=None) for i in range(2)]
+    whole = pool.submit(post, s, "/v1/completions", {**LONG, "prompt": prompt_for(20)}, 60, None)
+    for e in started:
+        assert e.wait(30)
+    wait_for(lambda: s.metrics().get("hylo_running_sequences") == 3, 30, "three running sequences")
+    return streams, whole
+
+
 def test_engine_failure_fails_every_request_and_exits_nonzero():
     """A tensor-parallel worker killed mid-batch: streams end with an error event and [DONE], a waiting
     non-streaming request gets 503 with the reason, /health and new requests get 503, and the process exits
@@ -136,13 +148,7 @@ def test_engine_failure_fails_every_request_and_exits_nonzero():
     try:
         workers = tp_workers(s)
         assert len(workers) == 1
-        pool = ThreadPoolExecutor(3)
-        started = [threading.Event(), threading.Event()]
-        streams = [pool.submit(sse, s, LONG, started[i], key=None) for i in range(2)]
-        whole = pool.submit(post, s, "/v1/completions", {**LONG, "prompt": prompt_for(20)}, 60, None)
-        for e in started:
-            assert e.wait(30)
-        wait_for(lambda: s.metrics().get("hylo_running_sequences") == 3, 30, "three running sequences")
+        streams, whole = two_streams_and_a_request(s)
         killed_at = time.monotonic()
         workers[0].kill()
 
@@ -161,7 +167,6 @@ def test_engine_failure_fails_every_request_and_exits_nonzero():
         code = s.proc.wait(timeout=30)
         assert code != 0, "the process must exit non-zero when its engine failed"
         print(f"\nworker killed: every request failed, and the server exited with code {code} {time.monotonic() - killed_at:.1f} s later")
-        pool.shutdown()
     finally:
         if s.proc.poll() is None:
             s.proc.kill()
@@ -316,13 +321,7 @@ def test_sigterm_ends_streams_and_requests_then_exits_cleanly():
     s = Server("--tensor-parallel-size", "2", "--max-model-len", "4000")
     try:
         workers = tp_workers(s)
-        pool = ThreadPoolExecutor(3)
-        started = [threading.Event(), threading.Event()]
-        streams = [pool.submit(sse, s, LONG, started[i], key=None) for i in range(2)]
-        whole = pool.submit(post, s, "/v1/completions", {**LONG, "prompt": prompt_for(20)}, 60, None)
-        for e in started:
-            assert e.wait(30)
-        wait_for(lambda: s.metrics().get("hylo_running_sequences") == 3, 30, "three running sequences")
+        streams, whole = two_streams_and_a_request(s)
         s.proc.send_signal(signal.SIGTERM)
         for f in streams:
             events = f.result(timeout=30)
@@ -336,7 +335,6 @@ def test_sigterm_ends_streams_and_requests_then_exits_cleanly():
         stderr = s.proc.stderr.read().decode()
         assert "Traceback" not in stderr, stderr[-3000:]
         wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 10, "the workers to exit")
-        pool.shutdown()
     finally:
         if s.proc.poll() is None:
             s.proc.kill()

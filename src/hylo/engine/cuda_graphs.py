@@ -71,6 +71,22 @@ class DecodeGraphs:
             logits = self._forward(batch, n)
         return graph, logits, batch
 
+    def replay_ms(self, batch: int, replays: int) -> float:
+        """GPU time of one decode step of `batch` sequences, replayed on padding rows alone (which read one token
+        of context and write only the spare block and slot): the step's time without the host's part."""
+        size = next(s for s in self.sizes if s >= batch)
+        for row, value in zip(self.packed, self.padding.values()):
+            row.fill_(value)
+        graph = self.graphs[size][0]
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / replays
+
     def fits(self, step: StepInput) -> bool:
         return (
             len(step.query_lens) <= self.sizes[-1]

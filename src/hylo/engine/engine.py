@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from hylo.engine.scheduler import Scheduled, Scheduler
 from hylo.engine.sequence import Request, Sequence, Status
 from hylo.kernels import select_ops
 from hylo.layers.parts import ShardError
+from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 from hylo.lora.slots import LoRASlots
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -27,6 +30,7 @@ from hylo.outputs import CompletionOutput, Logprob, RequestOutput
 from hylo.sampling import InvalidParam, SampleInput, Sampled, SamplingParams, sample
 
 log = logging.getLogger("hylo")
+READ_POLL_SECONDS = 0.002  # how often a caller waiting for an adapter read looks again
 
 
 def check_splittable(model_config: ModelConfig, tp_size: int) -> None:
@@ -83,6 +87,8 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self._read_waiters: dict[int, list[Callable[[str | None], None]]] = {}  # adapter id → told when its read ends
+        self._failed_outside_step: dict[str, Request] = {}  # reported by the next step
 
     @property
     def model(self):
@@ -100,10 +106,39 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------------
 
     def add_lora(self, request: LoRARequest) -> None:
-        """Read and validate an adapter now (AdapterError if refused); requests may then use it."""
+        """Read and validate an adapter now, waiting for it (AdapterError if refused); requests may then use it."""
+        result: list[str | None] = []
+        self.start_lora(request, result.append)
+        while not result:
+            time.sleep(READ_POLL_SECONDS)
+            self.poll_adapters()
+        if result[0] is not None:
+            raise AdapterError(result[0])
+
+    def start_lora(self, request: LoRARequest, done: Callable[[str | None], None]) -> None:
+        """Have every rank read `request`'s folder on a thread of its own, off the step loop (AdapterError at once
+        for an id clash); `done(None)` once it can serve, or `done(why)` if refused, from `poll_adapters`."""
         if self.lora is None:
             raise ValueError(f"adapter '{request.lora_name}': the engine was started without enable_lora=True")
-        self.lora.register(request)
+        if self.lora.start(request):
+            done(None)
+        else:
+            self._read_waiters.setdefault(request.lora_int_id, []).append(done)
+
+    def poll_adapters(self) -> None:
+        """Finish the adapter reads that are done: tell their waiters, and fail the requests of a refused one."""
+        if self.lora is None or not self.lora.reading:
+            return
+        for lora_id, why in self.lora.poll().items():
+            for done in self._read_waiters.pop(lora_id, []):
+                done(why)
+            if why is not None:
+                for request in list(self.requests.values()):
+                    if any(seq.lora_id == lora_id for seq in request.sequences):
+                        self._failed_outside_step[request.request_id] = self._fail(request, why)
+
+    def has_pending_adapter_reads(self) -> bool:
+        return self.lora is not None and bool(self.lora.reading)
 
     def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams, lora_request: LoRARequest | None = None) -> None:
         """Queue a request; InvalidParam (a ValueError naming the field) or AdapterError if it cannot run."""
@@ -118,8 +153,8 @@ class LLMEngine:
             raise InvalidParam("prompt", f"prompt token ids must be in [0, {vocab}); got {[t for t in ids if not 0 <= t < vocab][:5]}")
         if len(ids) >= self.max_model_len:
             raise InvalidParam("prompt", f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}; shorten it")
-        if lora_request is not None:
-            self.add_lora(lora_request)
+        if lora_request is not None:  # read in the background if it is not in memory; the request waits for it
+            self.start_lora(lora_request, lambda why: None)  # a refusal fails the request in poll_adapters
         request = Request(request_id, text, ids, params, [] if params.ignore_eos else self.eos_ids)
         for child in range(params.n):
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
@@ -176,18 +211,15 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward pass over the scheduled tokens; outputs for requests that advanced or finished.
 
-        A request that fails on its own (its adapter cannot be read again, its logits are not finite,
+        A request that fails on its own (its adapter is refused when read, its logits are not finite,
         sampling or detokenizing it raises) finishes with finish_reason "error" and the batch goes on.
         An exception raised here means the engine itself cannot go on (e.g. a worker died).
         """
+        self.poll_adapters()
+        touched, self._failed_outside_step = self._failed_outside_step, {}
         step = self.scheduler.schedule()
-        touched: dict[str, Request] = {}
         if self.lora is not None:
-            for lora_id, why in self.lora.load_pending().items():
-                for item in step:
-                    if item.seq.lora_id == lora_id:
-                        touched[item.seq.request.request_id] = self._fail(item.seq.request, why)
-            step = [item for item in step if item.seq.status is Status.RUNNING]
+            self.lora.load_pending()
         if step:
             logits = self.executor.call("execute", prepare_step(step, self.config.block_size))[0]
             sampling = [item for item in step if item.samples]

@@ -1,9 +1,10 @@
 """Runs every call on all tensor-parallel ranks in lockstep: rank 0 in this process, ranks 1..N-1 in their own.
 
-The driver sends each call (a method of `ModelWorker` and its arguments) down one pipe per worker,
-runs it itself, then collects each worker's reply. A worker that raises replies with the error; a
-worker that dies closes its pipe and its collective sockets, and the driver reports it within
-seconds. With one rank there are no workers and no communication.
+The driver posts each step's inputs to the workers through shared memory (`StepChannel`), runs the step
+itself, and waits for each worker's acknowledgement there; every other call (a method of `ModelWorker`
+and its arguments) goes down one pipe per worker, with a pickled reply. A worker that raises reports
+the error; a worker that dies closes its pipe and its collective sockets, and the driver reports it
+within seconds. With one rank there are no workers and no communication.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from hylo.batch import StepInput
 from hylo.config import ModelConfig
-from hylo.distributed import TPGroup
+from hylo.distributed import TPGroup, disable_one_shot_all_reduce
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
+from hylo.engine.step_channel import PIPE, STEP, StepChannel
 from hylo.engine.worker import ModelWorker
 
 log = logging.getLogger("hylo")
@@ -48,28 +51,42 @@ def _init_group(rank: int, size: int, port: int, device: torch.device) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
 
 
-def _worker_main(conn, config: EngineConfig, model_config: ModelConfig, rank: int, port: int, device_type: str, dtype: torch.dtype) -> None:
+def _worker_main(conn, channel_name: str, config: EngineConfig, model_config: ModelConfig, rank: int, port: int, device_type: str,
+                 dtype: torch.dtype) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it shuts workers down
     size = config.tensor_parallel_size
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    channel = StepChannel(size - 1, name=channel_name)
+    driver_pid = os.getppid()
+    worker = None
     try:
         conn.send(("ok", None))  # alive: the driver may now join the rendezvous without risking a long wait
         _init_group(rank, size, port, device)
         worker = ModelWorker(config, model_config, TPGroup(rank, size), device, dtype, progress=False)
         conn.send(("ok", None))
         while True:
-            method, args = conn.recv()
+            kind, packed = channel.wait(alive=lambda: os.getppid() == driver_pid)
+            if kind == 0:
+                break  # the driver is gone
+            method, args = ("execute", (StepInput.unpack(packed),)) if kind == STEP else conn.recv()
             if method == "shutdown":
                 break
             try:
                 value = getattr(worker, method)(*args)
-                conn.send(("ok", None if method == "execute" else value))
             except Exception as e:  # reported to the driver, which raises it
-                conn.send(("error", e if _picklable(e) else RuntimeError(traceback.format_exc())))
+                error = e if _picklable(e) else RuntimeError(traceback.format_exc())
+                if method == "execute":
+                    channel.acknowledge(rank - 1, ok=False)
+                conn.send(("error", error))
                 if method == "execute":
                     break  # a failed step leaves the collectives out of step: stop, and the driver reports it
+                continue
+            if method == "execute":
+                channel.acknowledge(rank - 1, ok=True)
+            else:
+                conn.send(("ok", value))
     except (EOFError, KeyboardInterrupt):
         pass  # the driver is gone
     except Exception as e:
@@ -78,8 +95,22 @@ def _worker_main(conn, config: EngineConfig, model_config: ModelConfig, rank: in
         except OSError:
             pass
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        channel.close()
+        worker = None  # its graphs and symmetric memory go before the group
+        disable_one_shot_all_reduce()
+        gc.collect()
+        _leave_group()
+
+
+def _leave_group() -> None:
+    """Leave the process group without waiting on peers that may be gone or stuck in a collective: NCCL's
+    orderly teardown blocks until every rank takes part, so its communicators are aborted first."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()  # this also ends the default group
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _picklable(e: Exception) -> bool:
@@ -99,6 +130,7 @@ class Executor:
         self.size = config.tensor_parallel_size
         self.procs: list[mp.Process] = []
         self.conns = []
+        self.channel: StepChannel | None = None
         self.dead: str | None = None
         try:
             if self.size > 1:
@@ -119,10 +151,12 @@ class Executor:
     def _start_workers(self, config, model_config, device, dtype) -> None:
         port = _free_port()
         ctx = mp.get_context("spawn")
+        self.channel = StepChannel(self.size - 1)
         for rank in range(1, self.size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_worker_main, args=(child, config, model_config, rank, port, device.type, dtype), daemon=True, name=f"hylo-tp{rank}"
+                target=_worker_main, args=(child, self.channel.name, config, model_config, rank, port, device.type, dtype), daemon=True,
+                name=f"hylo-tp{rank}",
             )
             proc.start()
             child.close()
@@ -136,26 +170,56 @@ class Executor:
         _init_group(0, self.size, port, device)
 
     def call(self, method: str, *args) -> list:
-        """Run `method` on every rank; its return value per rank (rank 0 first)."""
+        """Run `method` on every rank; its return value per rank (rank 0 first). A step's inputs reach the workers
+        through the step channel and they acknowledge it there; every other call goes through the pipes."""
         if self.dead:
             raise WorkerDied(self.dead)
-        for conn in self.conns:
-            try:
-                conn.send((method, args))
-            except OSError:
-                pass  # reported by _collect
+        if self.conns:
+            packed = args[0].pack() if method == "execute" else None
+            if packed is not None and self.channel.fits(packed):
+                self.channel.post(STEP, packed)
+            else:
+                self.channel.post(PIPE)
+                for conn in self.conns:
+                    try:
+                        conn.send((method, args))
+                    except OSError:
+                        pass  # reported by _collect
         error = None
         try:
             result = getattr(self.driver, method)(*args)
         except Exception as e:
             error, result = e, None
-        values, errors = self._collect(method)
+        if error is not None and method == "execute":  # the workers may be waiting in a collective for this rank
+            for rank, proc in enumerate(self.procs, start=1):
+                proc.join(1)  # a killed peer's sockets close a moment before its exit is visible
+                if not proc.is_alive():
+                    self._died(rank, proc, "a step")  # the root cause of the driver's failed collective
+            self.dead = f"a tensor-parallel step failed: {error}; restart the engine"
+            self.shutdown()
+            raise error
+        values, errors = self._acknowledged() if method == "execute" and self.conns else self._collect(method)
         if errors or error is not None:
             if method == "execute":  # the ranks' collectives are out of step now
                 self.dead = f"a tensor-parallel step failed: {errors[0] if errors else error}; restart the engine"
                 self.shutdown()
             raise errors[0] if errors else error  # a worker's own error is the root cause
         return [result] + values
+
+    def _acknowledged(self) -> tuple[list, list]:
+        """Wait until every worker has run the step just posted (its launches queued); a worker's error follows
+        on its pipe."""
+        seq, errors = self.channel.seq, []
+        for worker, (conn, proc) in enumerate(zip(self.conns, self.procs)):
+            polls = 0
+            while (ack := self.channel.acknowledged(worker)) not in (seq, -seq):
+                polls += 1
+                if polls % 1024 == 0 and not proc.is_alive():
+                    self._died(worker + 1, proc, "a step")
+            if ack == -seq:
+                _, error = conn.recv()
+                errors.append(error)
+        return [None] * len(self.conns), errors
 
     def _collect(self, what: str) -> tuple[list, list]:
         """Each worker's reply to the last call; WorkerDied as soon as one is gone."""
@@ -167,11 +231,7 @@ class Executor:
                         raise EOFError
                 status, value = conn.recv()
             except (EOFError, OSError):
-                proc.join(1)
-                hint = ' (a script that starts hylo must guard its entry with `if __name__ == "__main__":`)' if what == "process start" else ""
-                self.dead = f"tensor-parallel worker rank {rank} exited (code {proc.exitcode}) during {what}{hint}; restart the engine"
-                self.shutdown()
-                raise WorkerDied(self.dead) from None
+                self._died(rank, proc, what)
             if status == "error":
                 errors.append(value)
             values.append(value)
@@ -180,14 +240,25 @@ class Executor:
     def close(self) -> None:
         """Stop the workers and free this process's share too (model, caches, graphs), so that another engine
         can start in the same process."""
-        self.shutdown()
         self.dead = self.dead or "the engine has been shut down; start a new one"
+        # The model, caches and graphs go first: captured collectives and symmetric memory belong to the group.
         self.__dict__.pop("driver", None)
+        disable_one_shot_all_reduce()
         gc.collect()  # the model's modules refer to each other (shared LoRA batch, tied weights)
+        self.shutdown()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
+    def _died(self, rank: int, proc: mp.Process, what: str) -> None:
+        proc.join(1)
+        hint = ' (a script that starts hylo must guard its entry with `if __name__ == "__main__":`)' if what == "process start" else ""
+        self.dead = f"tensor-parallel worker rank {rank} exited (code {proc.exitcode}) during {what}{hint}; restart the engine"
+        self.shutdown()
+        raise WorkerDied(self.dead) from None
+
     def shutdown(self) -> None:
+        if self.conns:
+            self.channel.post(PIPE)
         for conn in self.conns:
             try:
                 conn.send(("shutdown", ()))
@@ -200,5 +271,8 @@ class Executor:
                 proc.kill()
                 proc.join(1)
         self.procs, self.conns = [], []
-        if self.size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.channel is not None:
+            self.channel.close(unlink=True)
+            self.channel = None
+        if self.size > 1:
+            _leave_group()

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from hylo.batch import StepInput
 from hylo.config import ModelConfig
-from hylo.distributed import TPGroup
+from hylo.distributed import TPGroup, enable_one_shot_all_reduce
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
 from hylo.engine.cuda_graphs import DecodeGraphs
 from hylo.kernels import select_ops
 from hylo.loader import init_dummy_weights, load_weights
+from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 from hylo.lora.store import AdapterStore
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -43,6 +45,8 @@ class ModelWorker:
         self.lora = None
         if config.enable_lora:
             self.lora = AdapterStore(self.model, model_config, config.max_loras, config.max_lora_rank, tp)
+            self.read_thread = ThreadPoolExecutor(1, thread_name_prefix="hylo-adapter-read")
+            self.reads: dict[int, Future] = {}
         self.shapes = self.model.cache_shapes()
         self.caches = None
         self.graphs = None
@@ -66,12 +70,12 @@ class ModelWorker:
         self.caches = plan.allocate(self.shapes, self.config.block_size, self.dtype, self.device)
         if self.device.type != "cuda":
             return
-        # NCCL collectives inside a captured graph have not yet run on several GPUs here, so TP>1 stays eager.
-        eager = [why for why, yes in (("enforce_eager", self.config.enforce_eager), ("tensor_parallel_size > 1", self.tp.size > 1)) if yes]
-        if eager:
+        if self.tp.size > 1:
+            enable_one_shot_all_reduce(self.device)
+        if self.config.enforce_eager:
             if self.tp.rank == 0:
-                log.info("decode steps run eagerly (no CUDA graphs): %s", ", ".join(eager))
-        else:
+                log.info("decode steps run eagerly (no CUDA graphs): enforce_eager")
+        else:  # at TP>1 every rank captures the same graphs in the same order, all-reduces inside them
             self.graphs = DecodeGraphs(self.model, self.caches, self.lora, plan, self.config.block_size, self.config.max_num_seqs,
                                        -(-max_model_len // self.config.block_size), self.device)
 
@@ -85,8 +89,23 @@ class ModelWorker:
             self.lora.set_step(step.lora_slots, step.query_lens, self.device)
         return self.model.compute_logits(self.model(batch, self.caches))
 
-    def lora_register(self, request: LoRARequest) -> None:
-        self.lora.register(request)
+    def graph_replay_ms(self, batch: int, replays: int) -> float | None:
+        """For the benchmark: a captured decode step's GPU time (None without graphs)."""
+        return self.graphs.replay_ms(batch, replays) if self.graphs is not None else None
+
+    def lora_read_start(self, request: LoRARequest) -> None:
+        """Read the adapter's folder on this rank's reading thread; the steps go on meanwhile."""
+        self.reads[request.lora_int_id] = self.read_thread.submit(self.lora.register, request)
+
+    def lora_read_done(self) -> dict[int, str | None]:
+        """Reads finished since the last call: adapter id → None, or why it was refused."""
+        done = {}
+        for lora_id, future in list(self.reads.items()):
+            if future.done():
+                del self.reads[lora_id]
+                error = future.exception()
+                done[lora_id] = None if error is None else str(error) if isinstance(error, AdapterError) else f"reading it failed: {error!r}"
+        return done
 
     def lora_forget(self, lora_id: int) -> None:
         self.lora.forget(lora_id)

@@ -208,7 +208,14 @@ class _Reader:
         r_config, scaling = self.config.rank_and_scaling(peft_key)
         if r_config != r:
             return f"adapter_config.json gives rank {r_config} for this module but its tensors have rank {r}"
-        weights[target.name] = (a, b.float().mul(scaling).to(b.dtype))
+        b = b.float().mul(scaling).to(b.dtype)
+        for name, t in (("lora_A", a), ("lora_B", b)):
+            if not torch.isfinite(t).all():
+                return (
+                    f"{name} holds NaN or infinite values (a diverged training run or a broken export?), which would "
+                    "turn the output of every request using it into NaN; re-export it from a checkpoint with finite weights"
+                )
+        weights[target.name] = (a, b)
         return None
 
     # -- fused-name adapters (Qwen3-Next style exports) --------------------------------------------
@@ -243,9 +250,13 @@ class _Reader:
     # -- PEFT target_parameters on fused 3D experts ------------------------------------------------
 
     def _read_nested_expert_params(self, tensors, rows, weights, seen) -> None:
-        """PEFT's ParamWrapper saves one A/B pair per wrapped 3D parameter, nested by `.base_layer`:
-        A is [r·E, in] (expert-major), B is [out, r·E] (rank-major). The pair is matched to the
-        parameter whose shape it fits, then rewritten as per-expert A/B for the per-expert parts."""
+        """PEFT's ParamWrapper saves one A/B pair per wrapped 3D parameter, nested by `.base_layer`.
+
+        For a 3D parameter [E, out, in] (transformers' experts: gate_up_proj [E, 2·I, H], down_proj
+        [E, H, I], not `is_transposed`) PEFT makes A [r·E, in] (expert-major: row e·r + k) and B
+        [out, r·E] (rank-major: column k·E + e), and expert e's delta is B_e @ A_e [out, in]
+        (ParamWrapper.get_delta_factors). The pair is matched to the parameter whose shape it fits,
+        then rewritten as per-expert A/B for the per-expert parts."""
         if not self.config.target_parameters:
             return
         groups: dict[str, dict[str, str]] = {}
@@ -283,14 +294,15 @@ class _Reader:
         a_e = a.reshape(experts, r, a.shape[1])  # [E, r, in]
         b_e = b.reshape(b.shape[0], r, experts).permute(2, 0, 1)  # [E, out, r]
         parent = target.name.rpartition(".")[0]  # ...mlp.experts → per-expert parts ...mlp.experts.N.<block>
+        blocks = target.part.blocks
         for e in range(experts):
-            start = 0
-            for block in target.part.blocks:
-                expert_target = self.targets[f"{parent}.{e}.{block.name}"]
-                error = self._add(param_key, expert_target, a_e[e], b_e[e, start : start + block.size], weights)
+            # gate_up_proj's blocks run along its output rows ([gate | up]): B splits between them.
+            # down_proj's one block runs along its input (the intermediate size): B stays whole.
+            b_blocks = b_e[e].split([block.size for block in blocks]) if target.part.splits_output else (b_e[e],)
+            for block, b_block in zip(blocks, b_blocks, strict=True):
+                error = self._add(param_key, self.targets[f"{parent}.{e}.{block.name}"], a_e[e], b_block, weights)
                 if error:
                     return error
-                start += block.size
         return None
 
     # -- everything the config targets must be present -------------------------------------------

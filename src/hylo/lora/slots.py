@@ -3,7 +3,9 @@
 A sequence holds its adapter's slot while it runs; a slot with no running sequence can be reloaded
 with another adapter. At most `max_cpu_loras` adapters stay in host memory (least recently used out),
 except those that queued or running requests still need. The data itself lives on every rank
-(`AdapterStore`); this table tells the executor what to read, load, clear and forget.
+(`AdapterStore`); this table tells the executor what to read, load, clear and forget. Reading a folder
+happens on a thread of each rank's own, so a request for an adapter not yet in memory waits in the
+queue while the others keep decoding.
 """
 
 from __future__ import annotations
@@ -31,20 +33,50 @@ class LoRASlots:
         self.slot_users = [0] * max_loras
         self.slot_used_at = [0.0] * max_loras
         self.pending: dict[int, int] = {}  # slot → adapter id the scheduler placed there, loaded by the engine's step
+        # Being read on every rank: id → (request, rank → None or why it was refused, for ranks done so far).
+        self.reading: dict[int, tuple[LoRARequest, dict[int, str | None]]] = {}
         self.load_seconds: list[float] = []  # one entry per slot load, read by the server's metrics
 
-    def register(self, request: LoRARequest) -> None:
-        """Know `request`, reading and validating its folder on every rank on first sight; AdapterError if refused."""
-        known = self.requests.get(request.lora_int_id) or self.draining.get(request.lora_int_id)
+    def start(self, request: LoRARequest) -> bool:
+        """Know `request`; True if it is in host memory already, else its folder is being read and validated on
+        every rank (`poll` tells when). AdapterError at once if its id belongs to another folder."""
+        lora_id = request.lora_int_id
+        known = self.requests.get(lora_id) or self.draining.get(lora_id) or (self.reading[lora_id][0] if lora_id in self.reading else None)
         if known is not None and known.lora_path != request.lora_path:
             raise AdapterError(
-                f"lora_int_id {request.lora_int_id} is already '{known.lora_name}' ({known.lora_path}); "
+                f"lora_int_id {lora_id} is already '{known.lora_name}' ({known.lora_path}); "
                 f"give '{request.lora_name}' its own id or remove the other first"
             )
-        if request.lora_int_id not in self.host:
-            self._read(request)
-        self.draining.pop(request.lora_int_id, None)
-        self.requests[request.lora_int_id] = request
+        if lora_id in self.host:
+            self.draining.pop(lora_id, None)
+            self.requests[lora_id] = request
+            return True
+        if lora_id not in self.reading:
+            self.executor.call("lora_read_start", request)
+            self.reading[lora_id] = (request, {})
+        return False
+
+    def poll(self) -> dict[int, str | None]:
+        """Reads that every rank has finished since the last poll: adapter id → None (it can serve) or why it was
+        refused (the first rank's reason; every rank's copy is dropped)."""
+        for rank, finished in enumerate(self.executor.call("lora_read_done")):
+            for lora_id, why in finished.items():
+                self.reading[lora_id][1][rank] = why
+        done = {}
+        for lora_id, (request, per_rank) in list(self.reading.items()):
+            if len(per_rank) < self.executor.size:
+                continue
+            del self.reading[lora_id]
+            why = next((w for w in per_rank.values() if w is not None), None)
+            if why is None:
+                self.draining.pop(lora_id, None)
+                self.requests[lora_id] = request
+                self.host[lora_id] = None
+                self._trim()
+            else:
+                self.executor.call("lora_forget", lora_id)
+            done[lora_id] = why
+        return done
 
     def remove(self, lora_id: int) -> bool:
         """Forget an adapter. Sequences already queued or running with it finish with it; new requests cannot use it."""
@@ -69,7 +101,7 @@ class LoRASlots:
         self._trim()
 
     def can_run(self, lora_id: int) -> bool:
-        return lora_id in self.slot_lora or any(u == 0 for u in self.slot_users)
+        return lora_id in self.host and (lora_id in self.slot_lora or any(u == 0 for u in self.slot_users))
 
     def acquire(self, lora_id: int) -> int:
         """The slot holding `lora_id`, or the least recently used free slot, which `load_pending` then fills."""
@@ -87,27 +119,16 @@ class LoRASlots:
     def release(self, slot: int) -> None:
         self.slot_users[slot] -= 1
 
-    def load_pending(self) -> dict[int, str]:
-        """Load the adapters `acquire` placed into slots; adapter id → why it could not be (read again) for those that failed."""
-        failed = {}
+    def load_pending(self) -> None:
+        """Write the adapters `acquire` placed into slots (each is in host memory: `can_run` saw to that)."""
         for slot, lora_id in self.pending.items():
-            try:
-                self._load(slot, lora_id)
-            except AdapterError as e:  # e.g. its folder changed after it fell out of host memory
-                self.slot_lora[slot] = None
-                failed[lora_id] = str(e)
+            start = time.perf_counter()
+            self.host.move_to_end(lora_id)
+            self.executor.call("lora_load", slot, lora_id)
+            self.load_seconds.append(time.perf_counter() - start)
+            name = (self.requests.get(lora_id) or self.draining[lora_id]).lora_name
+            log.info("adapter %s into slot %d in %.1f ms", name, slot, 1e3 * self.load_seconds[-1])
         self.pending.clear()
-        return failed
-
-    def _load(self, slot: int, lora_id: int) -> None:
-        start = time.perf_counter()
-        request = self.requests.get(lora_id) or self.draining[lora_id]
-        if lora_id not in self.host:  # fell out of host memory: read it again
-            self._read(request)
-        self.host.move_to_end(lora_id)
-        self.executor.call("lora_load", slot, lora_id)
-        self.load_seconds.append(time.perf_counter() - start)
-        log.info("adapter %s into slot %d in %.1f ms", request.lora_name, slot, 1e3 * self.load_seconds[-1])
 
     def _forget(self, lora_id: int) -> None:
         if lora_id in self.host:
@@ -117,15 +138,6 @@ class LoRASlots:
             if held == lora_id:  # no sequence holds it: the last one has finished
                 self.executor.call("lora_clear", slot)
                 self.slot_lora[slot] = None
-
-    def _read(self, request: LoRARequest) -> None:
-        try:
-            self.executor.call("lora_register", request)
-        except Exception:
-            self.executor.call("lora_forget", request.lora_int_id)  # a load that fails on one rank fails on all
-            raise
-        self.host[request.lora_int_id] = None
-        self._trim()
 
     def _trim(self) -> None:
         idle = [i for i in self.host if self.refs.get(i, 0) == 0]

@@ -172,7 +172,7 @@ def build_app(state: ServerState) -> FastAPI:
         request = LoRARequest(name, next(state.ids), str(path))
         state.loading.add(name)  # no await between the checks above and this: one load of a name at a time
         try:
-            await state.engine.call(lambda: state.engine.engine.add_lora(request))
+            await state.engine.load_adapter(request)
         except (AdapterError, ValueError) as e:
             raise ApiError(400, str(e), "lora_path") from None
         except Unavailable as e:

@@ -25,7 +25,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hylo.engine.engine import LLMEngine
+from hylo.engine.engine import READ_POLL_SECONDS, LLMEngine
+from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 from hylo.outputs import RequestOutput
 from hylo.sampling import InvalidParam, SamplingParams
@@ -175,6 +176,19 @@ class AsyncEngine:
         self.wake.set()
         return await asyncio.wrap_future(future)
 
+    async def load_adapter(self, request: LoRARequest) -> None:
+        """Read and validate an adapter on every rank while the batch keeps running; AdapterError if refused."""
+        read: Future = Future()
+
+        def done(why: str | None) -> None:
+            if why is None:
+                read.set_result(None)
+            else:
+                read.set_exception(AdapterError(why))
+
+        await self.call(lambda: self.engine.start_lora(request, done))
+        await asyncio.wrap_future(read)
+
     async def generate(self, request_id: str, prompt: str | dict, params: SamplingParams, lora: LoRARequest | None):
         """Yield RequestOutputs (cumulative) until the request finishes; aborts it if the caller goes away.
 
@@ -252,7 +266,10 @@ class AsyncEngine:
                     if dead:
                         self._fail(dead)
                         break
-                    self.wake.wait(0.5)
+                    reading = self.engine.has_pending_adapter_reads()
+                    if reading:
+                        self.engine.poll_adapters()
+                    self.wake.wait(READ_POLL_SECONDS if reading else 0.5)
                     self.wake.clear()
                     continue
                 try:
