@@ -8,6 +8,7 @@ the layer's declared parts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,29 +35,29 @@ class LoRABatch:
         return self.per_token or self.sorted_rows is not None or bool(self.groups)
 
 
-def write_lora_part(
-    part: Part, a_view: torch.Tensor, b_view: torch.Tensor, a_full: torch.Tensor, b_full: torch.Tensor, rank: int, tp: int
-) -> None:
+def write_lora_part(part: Part, a_view: torch.Tensor, b_view: torch.Tensor, a_full, b_full, rank: int, tp: int,
+                    read: Callable[[object], torch.Tensor]) -> None:
     """Place this rank's share of one part's full A [r, in] and B [out, r] into a slot.
 
     a_view: [max_rank, in_local] for this part; b_view: [rows of part.target, max_rank]. A column-
     parallel part (split on dim 0) keeps A whole and its own rows of B; a row-parallel part (dim 1)
-    keeps its own columns of A and B whole; a replicated part keeps both whole.
+    keeps its own columns of A and B whole; a replicated part keeps both whole. `a_full` and `b_full`
+    are indexed first and `read` gives the values of what this rank keeps, so a rank reads its share only.
     """
     r = a_full.shape[0]
     if not part.blocks:
-        a_view[:r] = a_full
-        b_view[:, :r] = b_full
+        a_view[:r] = read(a_full)
+        b_view[:, :r] = read(b_full)
         return
     for _, full, local in part.pieces(rank, tp):
         if part.splits_output:
-            b_view[local, :r] = b_full[full]
+            b_view[local, :r] = read(b_full[full])
         else:
-            a_view[:r, local] = a_full[:, full]
+            a_view[:r, local] = read(a_full[:, full])
     if part.splits_output:
-        a_view[:r] = a_full
+        a_view[:r] = read(a_full)
     else:
-        b_view[:, :r] = b_full
+        b_view[:, :r] = read(b_full)
 
 
 class LoRALinear:

@@ -6,21 +6,23 @@ module the config targets must have its tensors; anything else is refused, never
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from hylo.config import ModelConfig
 from hylo.layers.parts import Part, declared
+from hylo.lora.lazy import LazyTensor
 from hylo.lora.peft_config import AdapterError, PeftConfig, read_peft_config
 from hylo.lora.request import LoRARequest
 
 PEFT_PREFIX = "base_model.model."
+NOT_2D = "LoRA's A and B are matrices, and one of these is not 2-D: an adapter of another kind?"
 # Why a module that PEFT can wrap in the reference model takes no adapter here.
 NOT_APPLIED = {
     "conv1d": "hylo does not apply LoRA to the GDN conv1d; retrain without 'conv1d' in target_modules",
@@ -75,28 +77,28 @@ class TensorReport:
 class Adapter:
     request: LoRARequest
     rank: int
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # target name → (A [r, in], scaling·B [out, r])
+    # target name → (A [r, in], scaling·B [out, r]), read from the file only where a rank indexes them
+    weights: dict[str, tuple[LazyTensor, LazyTensor]]
     report: list[TensorReport] = field(default_factory=list)
-
-    def size_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
 def read_adapter(
     request: LoRARequest, model: nn.Module, model_config: ModelConfig, max_rank: int, strict: bool = True
 ) -> Adapter:
-    """Read and validate `request`'s folder against the model's declarations; raise AdapterError on any refusal.
+    """Validate `request`'s folder against the model's declarations; raise AdapterError on any refusal.
 
-    With strict=False the report is returned with its errors instead (for check-adapter).
+    Names, shapes, ranks and the config are checked from the file's header; the values are read later, by
+    each rank for its own slices (`LazyTensor`), and checked for NaN and infinity there. With strict=False
+    the report is returned with its errors instead, every value read and checked (for check-adapter).
     """
     folder = Path(request.lora_path)
     if not folder.is_dir():
         raise AdapterError(f"adapter '{request.lora_name}': folder '{folder}' does not exist")
     config = read_peft_config(folder)
-    tensors = _read_tensors(folder, request.lora_name)
+    shapes, tensors = _open_tensors(folder, request.lora_name)
     targets = lora_targets(model)
-    reader = _Reader(request, config, model_config, targets, untargetable(model), max_rank)
-    adapter = reader.read(tensors)
+    reader = _Reader(request, config, model_config, targets, untargetable(model), max_rank, read_values=not strict)
+    adapter = reader.read(shapes, tensors)
     errors = reader.config_errors + [r for r in adapter.report if r.error]
     if errors and strict:
         # One line per module and reason (its A and B tensors share them).
@@ -107,21 +109,47 @@ def read_adapter(
     return adapter
 
 
-def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+def _open_tensors(folder: Path, name: str) -> tuple[dict[str, list[int]], dict[str, LazyTensor]]:
+    """Every tensor's shape, and the 2-D ones as LazyTensors; a safetensors file is only opened (its header read)."""
     st, pt = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+
+    def corrupt(e: Exception) -> AdapterError:
+        return AdapterError(f"adapter '{name}': weights file in '{folder}' is unreadable or corrupt ({e})")
+
     try:
         if st.is_file():
-            return load_file(str(st))
-        if pt.is_file():
-            return torch.load(str(pt), map_location="cpu", weights_only=True)
+            handle = safe_open(str(st), "pt")
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+
+            def fetcher(key: str):
+                def fetch(rows: slice, cols: slice) -> torch.Tensor:
+                    try:
+                        return handle.get_slice(key)[rows, cols]
+                    except (SafetensorError, OSError, RuntimeError) as e:
+                        raise corrupt(e) from None
+                return fetch
+        elif pt.is_file():
+            loaded = torch.load(str(pt), map_location="cpu", weights_only=True)
+            shapes = {key: list(t.shape) if isinstance(t, torch.Tensor) else [] for key, t in loaded.items()}
+
+            def fetcher(key: str):
+                return lambda rows, cols: loaded[key][rows, cols]
+        else:
+            raise AdapterError(f"adapter '{name}': '{folder}' has no adapter_model.safetensors or adapter_model.bin")
     except (SafetensorError, OSError, RuntimeError, EOFError) as e:
-        raise AdapterError(f"adapter '{name}': weights file in '{folder}' is unreadable or corrupt ({e})") from None
-    raise AdapterError(f"adapter '{name}': '{folder}' has no adapter_model.safetensors or adapter_model.bin")
+        raise corrupt(e) from None
+    tensors = {}
+    for key, shape in shapes.items():
+        module, _, matrix = re.sub(r"[.]weight$", "", key).rpartition(".")
+        if len(shape) == 2:
+            tensors[key] = LazyTensor.stored(fetcher(key), shape, module, matrix)
+    return shapes, tensors
 
 
 class _Reader:
-    def __init__(self, request, config: PeftConfig, model_config: ModelConfig, targets, untargetable, max_rank: int):
+    def __init__(self, request, config: PeftConfig, model_config: ModelConfig, targets, untargetable, max_rank: int, read_values: bool):
         self.request = request
+        self.read_values = read_values
         self.config = config
         self.model_config = model_config
         self.targets = targets
@@ -141,19 +169,20 @@ class _Reader:
             return peft_name
         return None
 
-    def read(self, tensors: dict[str, torch.Tensor]) -> Adapter:
+    def read(self, shapes: dict[str, list[int]], tensors: dict[str, LazyTensor]) -> Adapter:
         report: list[TensorReport] = []
         pairs: dict[str, dict[str, str]] = {}
-        for key, t in tensors.items():
-            row = TensorReport(key, list(t.shape))
+        for key, shape in shapes.items():
+            row = TensorReport(key, shape)
             report.append(row)
             match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key)
             if not key.startswith(PEFT_PREFIX) or match is None:
                 row.error = "not a LoRA A/B tensor under base_model.model. (the names PEFT writes)"
                 continue
+
             module = match.group(1)[len(PEFT_PREFIX) :].replace(".base_layer", "")
             pairs.setdefault(module, {})[match.group(2)] = key
-        weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        weights: dict[str, tuple[LazyTensor, LazyTensor]] = {}
         rows = {r.key: r for r in report}
         seen_targets: set[str] = set()
         for module, ab in pairs.items():
@@ -163,7 +192,7 @@ class _Reader:
                 continue
             if module.endswith(".experts") and self.config.target_parameters:
                 continue  # PEFT's wrapped 3D parameters: read below, one A/B pair per parameter
-            error = self._place(module, tensors[ab["lora_A"]], tensors[ab["lora_B"]], weights, rows, ab, seen_targets)
+            error = self._place(module, tensors.get(ab["lora_A"]), tensors.get(ab["lora_B"]), weights, rows, ab, seen_targets)
             if error:
                 for key in ab.values():
                     rows[key].error = error
@@ -183,6 +212,8 @@ class _Reader:
         leaf = model_name.rpartition(".")[2]
         if model_name in self.untargetable:
             return self.untargetable[model_name]
+        if a is None or b is None:
+            return NOT_2D
         if leaf in ("in_proj_qkvz", "in_proj_ba"):
             return self._split_fused(model_name, module, a, b, weights, rows, ab, seen)
         target = self.targets.get(model_name)
@@ -208,13 +239,11 @@ class _Reader:
         r_config, scaling = self.config.rank_and_scaling(peft_key)
         if r_config != r:
             return f"adapter_config.json gives rank {r_config} for this module but its tensors have rank {r}"
-        b = b.float().mul(scaling).to(b.dtype)
-        for name, t in (("lora_A", a), ("lora_B", b)):
-            if not torch.isfinite(t).all():
-                return (
-                    f"{name} holds NaN or infinite values (a diverged training run or a broken export?), which would "
-                    "turn the output of every request using it into NaN; re-export it from a checkpoint with finite weights"
-                )
+        b = b.scaled(scaling)
+        if self.read_values:  # serving checks the values each rank reads (AdapterStore.register)
+            for t in (a, b):
+                if why := t.non_finite(t.read()):
+                    return why
         weights[target.name] = (a, b)
         return None
 
@@ -275,7 +304,9 @@ class _Reader:
         if set(ab) != {"lora_A", "lora_B"}:
             return f"'{module}' has only {', '.join(ab)}; LoRA needs both lora_A and lora_B"
         model_name = self.model_name(module)
-        a, b = tensors[ab["lora_A"]], tensors[ab["lora_B"]]
+        a, b = tensors.get(ab["lora_A"]), tensors.get(ab["lora_B"])
+        if a is None or b is None:
+            return NOT_2D
         candidates = [t for n, t in self.targets.items() if t.part.lora == "parameter" and n.rpartition(".")[0] == model_name]
         fits = [t for t in candidates if a.shape[1] == t.part.full_shape()[-1] and b.shape[0] == t.part.full_shape()[-2]]
         if len(fits) != 1:
@@ -291,16 +322,16 @@ class _Reader:
         if a.shape[0] % experts:
             return f"'{param_key}': A has {a.shape[0]} rows, not a multiple of {experts} experts"
         r = a.shape[0] // experts
-        a_e = a.reshape(experts, r, a.shape[1])  # [E, r, in]
-        b_e = b.reshape(b.shape[0], r, experts).permute(2, 0, 1)  # [E, out, r]
         parent = target.name.rpartition(".")[0]  # ...mlp.experts → per-expert parts ...mlp.experts.N.<block>
         blocks = target.part.blocks
         for e in range(experts):
+            a_e, b_e = a[e * r : (e + 1) * r], b[:, e::experts]  # A's rows e·r.., B's columns k·E + e
             # gate_up_proj's blocks run along its output rows ([gate | up]): B splits between them.
             # down_proj's one block runs along its input (the intermediate size): B stays whole.
-            b_blocks = b_e[e].split([block.size for block in blocks]) if target.part.splits_output else (b_e[e],)
+            starts = itertools.accumulate((block.size for block in blocks), initial=0)
+            b_blocks = [b_e[start : start + block.size] for start, block in zip(starts, blocks)] if target.part.splits_output else [b_e]
             for block, b_block in zip(blocks, b_blocks, strict=True):
-                error = self._add(param_key, self.targets[f"{parent}.{e}.{block.name}"], a_e[e], b_block, weights)
+                error = self._add(param_key, self.targets[f"{parent}.{e}.{block.name}"], a_e, b_block, weights)
                 if error:
                     return error
         return None

@@ -9,6 +9,8 @@ from hylo.config import ModelConfig
 from hylo.distributed import TPGroup
 from hylo.layers.lora import LoRABatch, write_lora_part
 from hylo.lora.adapter import Adapter, lora_targets, read_adapter
+from hylo.lora.lazy import LazyTensor
+from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 
 
@@ -33,12 +35,19 @@ class AdapterStore:
         adapter: Adapter = read_adapter(request, self.model, self.model_config, self.max_rank)
         pinned = next(self.model.parameters()).is_cuda
         image: dict[nn.Module, list[torch.Tensor]] = {}
+
+        def read(t: LazyTensor) -> torch.Tensor:  # this rank's share only; the ranks' shares cover every value
+            values = t.read()
+            if why := t.non_finite(values):
+                raise AdapterError(f"adapter '{request.lora_name}' ({request.lora_path}) is refused:\n  {t.module}: {why}")
+            return values
+
         for name, (a, b) in adapter.weights.items():
             target = self.targets[name]
             if target.layer not in image:
                 image[target.layer] = [torch.zeros(t.shape, dtype=t.dtype, pin_memory=pinned) for t in target.layer.lora_slot(0)]
             a_view, b_view = target.layer.lora_views(image[target.layer], target.part)
-            write_lora_part(target.part, a_view, b_view, a.to(a_view.dtype), b.to(b_view.dtype), self.tp.rank, self.tp.size)
+            write_lora_part(target.part, a_view, b_view, a, b, self.tp.rank, self.tp.size, read)
         self.images[request.lora_int_id] = image
 
     def forget(self, lora_id: int) -> None:
