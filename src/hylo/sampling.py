@@ -41,10 +41,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Normalize `stop` / `stop_token_ids` to lists (duplicate stop token ids dropped) and check every field;
+        InvalidParam naming the first field out of range. Run when made, and again by the engine when a request
+        is added (a dataclass can be changed after it was made)."""
         for name in ("stop", "stop_token_ids"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, list, tuple)) or isinstance(value, str) and name == "stop_token_ids":
-                raise InvalidParam(name, f"SamplingParams.{name}={value!r} must be a list")
+                raise InvalidParam(name, f"SamplingParams.{name}={_shown(value)} must be a list")
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         checks = [
@@ -63,15 +69,27 @@ class SamplingParams:
             ("stop", lambda: len(self.stop) <= MAX_STOPS and all(isinstance(s, str) and s for s in self.stop), f"must be at most {MAX_STOPS} non-empty strings"),
             ("stop_token_ids", lambda: all(_whole(t) and t >= 0 for t in self.stop_token_ids), "must be token ids (integers >= 0)"),
             ("seed", lambda: self.seed is None or _whole(self.seed), "must be an integer or None"),
+            ("ignore_eos", lambda: isinstance(self.ignore_eos, bool), "must be True or False"),
+            ("skip_special_tokens", lambda: isinstance(self.skip_special_tokens, bool), "must be True or False"),
         ]
         for name, ok, why in checks:  # in order, each check only once the ones before it passed
             if not ok():
-                raise InvalidParam(name, f"SamplingParams.{name}={getattr(self, name)!r} {why}")
+                raise InvalidParam(name, f"SamplingParams.{name}={_shown(getattr(self, name))} {why}")
+        # Each generated token is looked up in them: a request repeating ids must not make every step slower.
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
         # As vLLM: below this the softmax is the argmax to float32 precision, and dividing by it could overflow.
         return self.temperature < GREEDY_BELOW
+
+
+def _shown(value, limit: int = 80) -> str:
+    """A value as an error message shows it: cut short (a 10k-element list is not echoed back whole)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return text[: limit - 3] + "..." + (f" ({len(value)} items)" if isinstance(value, (list, tuple)) else "")
 
 
 def _whole(x) -> bool:
@@ -156,6 +174,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
             keep[row] &= before < p.top_p
         if p.min_p > 0:
             keep[row] &= sorted_probs[row] >= p.min_p * sorted_probs[row, 0]
+    keep[:, 0] = True  # the most likely token always stays: a top_p below float32's resolution (1e-300) keeps it alone
     sorted_probs = sorted_probs * keep
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
 

@@ -262,3 +262,201 @@ def test_ten_cuda_engines_in_a_row_each_get_the_memory_back(checkpoints):
         assert len(greedy(llm)) == 8
         del llm
     assert torch.cuda.memory_allocated() < 64 << 20
+
+
+# -- beyond issue 12's list: the offline API's own boundary ----------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [("ignore_eos", "no"), ("ignore_eos", 1), ("skip_special_tokens", None), ("skip_special_tokens", "false")])
+def test_sampling_params_refuse_non_boolean_flags(field, value):
+    with pytest.raises(InvalidParam) as e:  # "no" is truthy: it used to turn ignore_eos on; None failed in the detokenizer
+        SamplingParams(**{field: value})
+    assert e.value.param == field
+
+
+def test_refusals_do_not_echo_huge_values():
+    for field, value in (("stop", ["x"] * 10_000), ("stop_token_ids", [-1] * 100_000)):
+        with pytest.raises(InvalidParam) as e:
+            SamplingParams(**{field: value})
+        assert e.value.param == field and len(str(e.value)) < 300 and "items" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("n", 0), ("max_tokens", 0), ("temperature", float("nan")), ("top_k", "x"), ("stop_token_ids", [-1]), ("ignore_eos", "yes")],
+)
+def test_sampling_params_changed_after_they_were_made_are_checked_again(engines, field, value):
+    """A dataclass can be changed after its checks ran: n=0 made a request with no sequence, and generate() waited
+    for it forever; the others reached the sampler, or were silently ignored."""
+    llm = engines("dense")
+    params = SamplingParams(temperature=0, max_tokens=8)
+    setattr(params, field, value)
+    with pytest.raises(InvalidParam) as e:
+        llm.llm_engine.add_request("changed", {"prompt_token_ids": PROMPT}, params)  # not generate(): it would hang
+    assert e.value.param == field
+    assert greedy(llm) == greedy(llm)
+    assert_idle(llm)
+
+
+def test_a_stop_string_set_after_the_params_were_made_is_one_string(engines):
+    llm = engines("dense")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    params.stop = "no such text"  # a string, not a list of its characters
+    out = llm.generate("count: 1 2", params)[0].outputs[0]
+    assert out.finish_reason == "length" and params.stop == ["no such text"]
+    assert_idle(llm)
+
+
+def test_top_p_below_float32_resolution_keeps_the_most_likely_token(engines):
+    """top_p=1e-320 is in (0, 1] but is 0 in float32: no token was kept and sampling failed; now it keeps the most
+    likely token alone, which is greedy."""
+    llm = engines("dense")
+    expected = greedy(llm)
+    for top_p in (1e-320, 1e-300, 1e-45):
+        out = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=1.0, top_p=top_p, max_tokens=8, ignore_eos=True, seed=5))[0]
+        assert out.error is None and out.outputs[0].token_ids == expected
+    assert_idle(llm)
+
+
+def test_a_long_stop_token_list_does_not_slow_the_batch(engines):
+    """stop_token_ids were searched as a list after every token of every sequence: one request with 10^6 repeated ids
+    made each step of the whole batch seconds long. Duplicates are dropped and the ids looked up in a set."""
+    import time
+
+    llm = engines("dense")
+    params = dict(temperature=1.0, n=16, max_tokens=24, ignore_eos=True, seed=9)
+    t = time.monotonic()
+    plain = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(**params))[0]
+    plain_s = time.monotonic() - t
+    t = time.monotonic()
+    stops = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(**params, stop_token_ids=[319] * 1_000_000, min_tokens=2))[0]
+    stops_s = time.monotonic() - t
+    assert stops.error is None and all(len(c.token_ids) >= 2 for c in stops.outputs)
+    assert stops_s < plain_s + 2.0, f"{stops_s:.1f} s with a 10^6-id stop list, {plain_s:.1f} s without"
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize(
+    "call, param",
+    [
+        (lambda llm: llm.generate("\ud800", GREEDY), "prompt"),
+        (lambda llm: llm.generate({"prompt_token_ids": PROMPT}, 5), "sampling_params"),
+        (lambda llm: llm.generate({"prompt_token_ids": PROMPT}, {}), "sampling_params"),
+        (lambda llm: llm.generate({"prompt_token_ids": PROMPT}, []), "sampling_params"),
+        (lambda llm: llm.generate({"prompt_token_ids": PROMPT}, [None]), "sampling_params"),
+        (lambda llm: llm.generate({"prompt_token_ids": PROMPT}, GREEDY, lora_request=5), "lora_request"),
+        (lambda llm: llm.generate({"prompt_token_ids": PROMPT}, GREEDY, lora_request="sql"), "lora_request"),
+        (lambda llm: llm.generate({"prompt_token_ids": PROMPT}, GREEDY, lora_request=[5]), "lora_request"),
+        (lambda llm: llm.generate({"prompt_token_ids": PROMPT}, GREEDY, lora_request={"a": 1}), "lora_request"),
+        (lambda llm: llm.add_lora(None), "lora_request"),
+        (lambda llm: llm.add_lora("/adapters/sql"), "lora_request"),
+        (lambda llm: llm.remove_lora(None), "lora_int_id"),
+        (lambda llm: llm.remove_lora("sql"), "lora_int_id"),
+        (lambda llm: llm.remove_lora([1]), "lora_int_id"),
+        (lambda llm: llm.remove_lora(LoRARequest("sql", 1, "/adapters/sql")), "lora_int_id"),
+    ],
+)
+def test_wrong_types_in_the_offline_api_are_refused_naming_the_argument(engines, call, param):
+    """They used to end in TypeError / AttributeError from inside, silently use the defaults ({} or [] as
+    sampling_params), or (remove_lora("sql")) answer False."""
+    llm = engines("dense", enable_lora=True, max_loras=1, max_lora_rank=8)
+    expected = greedy(llm)
+    with pytest.raises(InvalidParam) as e:
+        call(llm)
+    assert e.value.param == param
+    assert greedy(llm) == expected
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize("args", [(5, 1, "/a"), ("", 1, "/a"), ("a", True, "/a"), ("a", 1, 5), ("a", 1, None), ("a", 1, "")])
+def test_lora_requests_check_their_fields(args):
+    with pytest.raises(ValueError, match="LoRARequest"):
+        LoRARequest(*args)
+
+
+def test_one_id_for_two_folders_in_one_generate_is_refused_before_anything_loads(checkpoints, adapters):
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=2, max_lora_rank=8)
+    a, b = LoRARequest("a", 1, adapters("dense", seed=50)), LoRARequest("b", 1, adapters("dense", seed=51))
+    with pytest.raises(AdapterError, match="lora_int_id 1"):
+        llm.generate([{"prompt_token_ids": PROMPT}] * 2, GREEDY, lora_request=[a, b])
+    assert llm.list_loras() == set()  # b was loaded (the last of the two won) before a's request failed
+    assert greedy(llm, lora=a) == greedy(llm, lora=a)
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        ({"r": 2.5}, "'r'"), ({"r": True}, "'r'"), ({"lora_alpha": float("nan")}, "'lora_alpha'"),
+        ({"target_modules": 5}, "target_modules"), ({"target_modules": [["q_proj"]]}, "target_modules"),
+        ({"target_modules": "((("}, "target_modules"), ({"exclude_modules": 7}, "exclude_modules"),
+        ({"layers_to_transform": "x"}, "layers_to_transform"), ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern"),
+        ({"rank_pattern": [1]}, "rank_pattern"), ({"alpha_pattern": {"(": 4}}, "alpha_pattern"), ({"use_rslora": "yes"}, "use_rslora"),
+    ],
+)
+def test_adapter_configs_of_the_wrong_types_are_refused_naming_the_field(engines, adapters, tmp_path, config, field):
+    """r=2.5 was truncated to 2 and loaded; the others failed inside the loader ("reading it failed: TypeError(...)")."""
+    import json
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapters("dense", seed=52, r=4), folder)
+    raw = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**raw, **config}))
+    llm = engines("dense", enable_lora=True, max_loras=1, max_lora_rank=8)
+    expected = greedy(llm)
+    with pytest.raises(AdapterError) as e:
+        llm.add_lora(LoRARequest("typed", 7, str(folder)))
+    assert field in str(e.value) and "reading it failed" not in str(e.value), str(e.value)
+    assert greedy(llm) == expected
+    assert_idle(llm)
+
+
+def test_an_adapter_removed_while_its_folder_is_read_again_stays_removed(checkpoints, adapters):
+    """It fell out of host memory; a request for it starts a new read; remove_lora() meanwhile. The request is
+    served with it, and then it is gone: it used to come back (listed, held in memory) once the read finished."""
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=8)
+    a, b = (LoRARequest(n, i + 1, adapters("dense", seed=53 + i)) for i, n in enumerate("ab"))
+    expected = greedy(llm, lora=a)
+    llm.add_lora(b)  # a is dropped from host memory
+    engine = llm.llm_engine
+    engine.add_request("a", {"prompt_token_ids": PROMPT}, GREEDY, a)
+    assert 1 in engine.lora.reading and llm.remove_lora(1)
+    assert run_engine(engine)["a"].outputs[0].token_ids == expected
+    assert llm.list_loras() == {2} and 1 not in engine.lora.host and not engine.lora.forget_when_read
+    # Removed while being read with no request waiting for it (the request aborted): dropped when the read ends.
+    llm.add_lora(a)
+    llm.add_lora(b)  # a is dropped from host memory again
+    engine.add_request("a2", {"prompt_token_ids": PROMPT}, GREEDY, a)
+    assert 1 in engine.lora.reading
+    assert llm.remove_lora(1)
+    engine.abort_request("a2")
+    run_engine(engine)
+    while engine.lora.reading:
+        engine.poll_adapters()
+    assert llm.list_loras() == {2} and 1 not in engine.lora.host
+    # Removed during the read, then added back: it stays.
+    llm.add_lora(a)
+    llm.add_lora(b)
+    engine.add_request("a3", {"prompt_token_ids": PROMPT}, GREEDY, a)
+    assert 1 in engine.lora.reading
+    assert llm.remove_lora(1)
+    llm.add_lora(a)
+    assert run_engine(engine)["a3"].outputs[0].token_ids == expected
+    assert llm.list_loras() == {1, 2}
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize(
+    "messages, kwargs, field",
+    [
+        (None, {}, "messages"), ("hi", {}, "messages"), ([], {}, "messages"),
+        ([{"role": "user", "content": "a"}, [{"role": "user", "content": "b"}]], {}, "messages"),
+        ([{"role": "user", "content": "a"}], {"chat_template_kwargs": "x"}, "chat_template_kwargs"),
+    ],
+)
+def test_chat_refuses_malformed_messages_naming_the_argument(checkpoints, messages, kwargs, field):
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, kv_cache_memory_bytes=1 << 22)
+    with pytest.raises(InvalidParam) as e:
+        llm.chat(messages, SamplingParams(max_tokens=2), **kwargs)
+    assert e.value.param == field
+    assert len(llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids) == 2

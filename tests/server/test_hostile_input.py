@@ -312,3 +312,38 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_without_server_paths():
     client = TestClient(build_app(ServerState(BrokenEngine(), "base", str(BASE_DIR))), raise_server_exceptions=False)
     error = assert_openai_error(client.post(COMPLETIONS, json=C), 500, None, "RuntimeError", "base/model.safetensors")
     assert str(BASE_DIR) not in error["message"]
+
+
+# Beyond issue 12's list.
+def test_a_huge_refused_value_is_not_echoed_back(server):
+    """A 10,000-element stop list (or a million stop_token_ids) was quoted whole in the 400's message: megabytes."""
+    for body, param in (({**C, "stop": ["stop here"] * 10_000}, "stop"), ({**C, "stop_token_ids": [-1] * 1_000_000}, "stop_token_ids")):
+        error = assert_openai_error(post(server, COMPLETIONS, body), 400, param, param, "items")
+        assert len(error["message"]) < 300, len(error["message"])
+    assert_still_serving(server)
+
+
+def test_a_top_p_below_float32_resolution_samples_the_top_token(server):
+    """top_p=1e-320 is in (0, 1] but 0 in float32: sampling kept no token and the request failed with a 500."""
+    prompt = prompt_for(11)
+    for body in ({"model": "base", "prompt": prompt, "max_tokens": 12, "temperature": 1, "top_p": 1e-320, "seed": 4},
+                 {"model": "base", "prompt": prompt, "max_tokens": 12, "temperature": 1, "top_p": 1e-300}):
+        r = post(server, COMPLETIONS, body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected_continuation("base", prompt)  # the top token alone: greedy
+    assert_still_serving(server)
+
+
+def test_a_deeply_nested_body_is_screened_in_linear_time(server):
+    """The Unicode screen copied each item's path: 600 kB nested 900 deep held the event loop (and /health) for 3 s."""
+    import time
+
+    items = b"1," * 300_000
+    for tail, param in ((b"1", "frobnicate"), (b'"\\ud800"', "frobnicate" + "[0]" * 899 + "[300000]")):
+        nested = b"[" * 900 + items + tail + b"]" * 900
+        t = time.monotonic()
+        r = post(server, COMPLETIONS, content=b'{"model": "base", "prompt": "x", "frobnicate": ' + nested + b"}")
+        took = time.monotonic() - t
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text[:300]
+        assert took < 1.5, f"{took:.1f} s to refuse a {len(nested) >> 10} kB body"
+    assert_still_serving(server)

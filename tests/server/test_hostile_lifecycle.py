@@ -396,3 +396,16 @@ def test_metrics_adapter_names_concurrent_loads_and_adapter_files(server, lora_r
     out = subprocess.run([sys.executable, "-m", "hylo.cli", "serve", "--device", "cpu", "--port", port, "--lora-modules", f'bad"name={ADAPTER_DIRS["down"]}'],
                          capture_output=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and b"adapter name" in out.stderr
+
+
+def test_a_request_whose_prompts_could_never_all_be_admitted_is_a_400(server):
+    """Each prompt of a request is admitted on its own: 1,281 prompts (or 11 x n=128) were queued up to the limit of
+    --max-num-seqs + --max-waiting (1,280 here), then the request got 503 "retry later", which never helps."""
+    for body in ({"model": "base", "prompt": [[5, 6]] * 1281, "max_tokens": 1}, {"model": "base", "prompt": ["x"] * 11, "n": 128, "max_tokens": 1}):
+        t = time.monotonic()
+        r = post(server, "/v1/completions", body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text[:300]
+        assert "holds at once" in r.json()["error"]["message"] and time.monotonic() - t < 5
+    r = post(server, "/v1/completions", {"model": "base", "prompt": [[5, 6]] * 300, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 300
+    assert_still_serving(server)

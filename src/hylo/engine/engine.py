@@ -118,6 +118,8 @@ class LLMEngine:
     def start_lora(self, request: LoRARequest, done: Callable[[str | None], None]) -> None:
         """Have every rank read `request`'s folder on a thread of its own, off the step loop (AdapterError at once
         for an id clash); `done(None)` once it can serve, or `done(why)` if refused, from `poll_adapters`."""
+        if not isinstance(request, LoRARequest):
+            raise InvalidParam("lora_request", f"an adapter is given as a LoRARequest(name, id, path), not {type(request).__name__}")
         if self.lora is None:
             raise ValueError(f"adapter '{request.lora_name}': the engine was started without enable_lora=True")
         if self.lora.start(request):
@@ -155,7 +157,9 @@ class LLMEngine:
             raise InvalidParam("prompt", f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}; shorten it")
         if lora_request is not None:  # read in the background if it is not in memory; the request waits for it
             self.start_lora(lora_request, lambda why: None)  # a refusal fails the request in poll_adapters
-        request = Request(request_id, text, ids, params, [] if params.ignore_eos else self.eos_ids)
+        eos = [] if params.ignore_eos else self.eos_ids
+        stop_ids = frozenset(params.stop_token_ids)
+        request = Request(request_id, text, ids, params, eos, stop_ids=stop_ids, banned=list(dict.fromkeys(eos + params.stop_token_ids)))
         for child in range(params.n):
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
             seq = Sequence(next(self._seq_ids), request, child, detok, logprobs=[] if params.logprobs is not None else None)
@@ -170,6 +174,7 @@ class LLMEngine:
         """The limits that depend on the engine (SamplingParams checks the rest when it is made)."""
         if not isinstance(params, SamplingParams):
             raise InvalidParam("sampling_params", f"sampling params must be a SamplingParams, not {type(params).__name__}")
+        params.validate()  # again: its fields may have been changed since it was made
         config, vocab = self.config, self.model_config.text.vocab_size
         if params.n > config.max_n:
             raise InvalidParam("n", f"n={params.n} is above this engine's max_n={config.max_n}; ask for fewer sequences")
@@ -195,6 +200,10 @@ class LLMEngine:
             raise InvalidParam("prompt", f"a prompt must be a string or a dict with 'prompt_token_ids', not {type(prompt).__name__}")
         if self.tokenizer is None:
             raise InvalidParam("prompt", "this model folder has no tokenizer; pass {'prompt_token_ids': [...]} instead of text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidParam("prompt", f"the prompt is not valid Unicode: a lone UTF-16 surrogate ({prompt[e.start]!r}) at character {e.start}") from None
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def abort_request(self, request_id: str) -> None:
@@ -272,7 +281,7 @@ class LLMEngine:
 
     def _sample_input(self, item: Scheduled) -> SampleInput:
         seq = item.seq
-        banned = seq.request.eos_ids + seq.params.stop_token_ids if len(seq.output_ids) < seq.params.min_tokens else []
+        banned = seq.request.banned if len(seq.output_ids) < seq.params.min_tokens else []
         return SampleInput(seq.params, seq.request.prompt_ids, seq.output_ids, seq.child, banned)
 
     def _append(self, seq: Sequence, sampled: Sampled, row: int) -> None:
@@ -282,7 +291,7 @@ class LLMEngine:
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprobs(row, sampled, params.logprobs))
             seq.cumulative_logprob += float(sampled.logprobs[row])
-        if token in params.stop_token_ids:
+        if token in seq.request.stop_ids:
             return self._finish(seq, "stop", token)
         if token in seq.request.eos_ids:
             return self._finish(seq, "stop", None)

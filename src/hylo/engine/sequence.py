@@ -25,6 +25,8 @@ class Request:
     eos_ids: list[int]
     sequences: list[Sequence] = field(default_factory=list)
     error: str | None = None  # why it failed on its own, if it did
+    stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids as a set: looked up after every token
+    banned: list[int] = field(default_factory=list)  # eos and stop token ids, masked until min_tokens are out
 
     @property
     def finished(self) -> bool:

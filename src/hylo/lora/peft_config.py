@@ -104,8 +104,9 @@ def read_peft_config(folder: Path) -> PeftConfig:
     if raw.get("bias", "none") != "none":
         raise AdapterError(f"adapter '{folder}': bias='{raw['bias']}' trains base biases, which hylo does not apply; retrain with bias='none'")
     for name in ("r", "lora_alpha"):
-        if not isinstance(raw.get(name), (int, float)) or raw[name] <= 0:
+        if not _number(raw.get(name), whole=name == "r") or raw[name] <= 0:
             raise AdapterError(f"adapter '{folder}': adapter_config.json needs a positive '{name}', got {raw.get(name)!r}")
+    _check_types(folder, raw)
     targets = raw.get("target_modules")
     if isinstance(targets, (list, tuple, set)):
         targets = list(targets)
@@ -123,3 +124,48 @@ def read_peft_config(folder: Path) -> PeftConfig:
         layers_pattern=raw.get("layers_pattern"),
         exclude_modules=raw.get("exclude_modules"),
     )
+
+
+def _number(value, whole: bool = False) -> bool:
+    """A finite JSON number (an integer if `whole`); not a boolean."""
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return False
+    return math.isfinite(value)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# adapter_config.json fields past r and lora_alpha: (accepts the value, what it must be). null is PEFT's default for each.
+FIELD_TYPES = {
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "target_modules": (lambda v: isinstance(v, str) or _strings(v), "a regular expression or a list of module names"),
+    "target_parameters": (_strings, "a list of parameter names"),
+    "exclude_modules": (lambda v: isinstance(v, str) or _strings(v), "a regular expression or a list of module names"),
+    "layers_to_transform": (lambda v: _number(v, True) or isinstance(v, list) and all(_number(i, True) for i in v), "a layer index or a list of them"),
+    "layers_pattern": (lambda v: isinstance(v, str) or _strings(v), "a name or a list of names"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(_number(r, True) and r > 0 for r in v.values()), "an object of pattern -> positive integer rank"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(_number(a) and a > 0 for a in v.values()), "an object of pattern -> positive number"),
+}
+
+
+def _check_types(folder: Path, raw: dict) -> None:
+    """Each field hylo reads has PEFT's type, and each regular expression compiles: a config that PEFT would
+    choke on is refused naming the field, not with an error from deep inside the loader."""
+    for name, (ok, want) in FIELD_TYPES.items():
+        value = raw.get(name)
+        if value is not None and not ok(value):
+            raise AdapterError(f"adapter '{folder}': adapter_config.json's '{name}' must be {want}, got {_shown(value)}")
+    patterns = [(n, raw[n]) for n in ("target_modules", "exclude_modules") if isinstance(raw.get(n), str)]
+    patterns += [(n, p) for n in ("rank_pattern", "alpha_pattern") for p in raw.get(n) or {}]
+    for name, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise AdapterError(f"adapter '{folder}': adapter_config.json's '{name}' holds {_shown(pattern)}, which is not a regular expression ({e})") from None
+
+
+def _shown(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

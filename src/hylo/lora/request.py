@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -12,7 +13,9 @@ class LoRARequest:
     lora_path: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
+        if not isinstance(self.lora_name, str) or not self.lora_name:
+            raise ValueError(f"LoRARequest: lora_name must be a non-empty string, got {self.lora_name!r}")
+        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
             raise ValueError(f"LoRARequest '{self.lora_name}': lora_int_id must be an integer >= 1, got {self.lora_int_id!r}")
-        if not self.lora_name:
-            raise ValueError("LoRARequest: lora_name must not be empty")
+        if not isinstance(self.lora_path, (str, os.PathLike)) or not str(self.lora_path):
+            raise ValueError(f"LoRARequest '{self.lora_name}': lora_path must be a folder (a string or path), got {self.lora_path!r}")

@@ -36,6 +36,7 @@ class LoRASlots:
         # Being read on every rank: id → (request, rank → None or why it was refused, for ranks done so far).
         self.reading: dict[int, tuple[LoRARequest, dict[int, str | None]]] = {}
         self.load_seconds: list[float] = []  # one entry per slot load, read by the server's metrics
+        self.forget_when_read: set[int] = set()  # removed while being read, and no request needs them: dropped once read
 
     def start(self, request: LoRARequest) -> bool:
         """Know `request`; True if it is in host memory already, else its folder is being read and validated on
@@ -51,6 +52,10 @@ class LoRASlots:
             self.draining.pop(lora_id, None)
             self.requests[lora_id] = request
             return True
+        self.forget_when_read.discard(lora_id)
+        if lora_id in self.draining:  # removed while its folder is being read again, and now added back
+            del self.draining[lora_id]
+            self.requests[lora_id] = request
         if lora_id not in self.reading:
             self.executor.call("lora_read_start", request)
             self.reading[lora_id] = (request, {})
@@ -68,13 +73,14 @@ class LoRASlots:
                 continue
             del self.reading[lora_id]
             why = next((w for w in per_rank.values() if w is not None), None)
-            if why is None:
-                self.draining.pop(lora_id, None)
-                self.requests[lora_id] = request
+            if why is not None or lora_id in self.forget_when_read:
+                self.forget_when_read.discard(lora_id)
+                self.executor.call("lora_forget", lora_id)
+            else:
+                if lora_id not in self.draining:  # removed while being read: it serves its queued requests, then goes
+                    self.requests[lora_id] = request
                 self.host[lora_id] = None
                 self._trim()
-            else:
-                self.executor.call("lora_forget", lora_id)
             done[lora_id] = why
         return done
 
@@ -131,6 +137,8 @@ class LoRASlots:
         self.pending.clear()
 
     def _forget(self, lora_id: int) -> None:
+        if lora_id in self.reading:  # its read goes on, on every rank: drop it when it ends
+            self.forget_when_read.add(lora_id)
         if lora_id in self.host:
             del self.host[lora_id]
             self.executor.call("lora_forget", lora_id)

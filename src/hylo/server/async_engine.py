@@ -189,6 +189,15 @@ class AsyncEngine:
         await self.call(lambda: self.engine.start_lora(request, done))
         await asyncio.wrap_future(read)
 
+    def check_holds(self, sequences: int, prompts: int = 1) -> None:
+        """InvalidParam if a request of `prompts` prompts, `sequences` sequences in all, could never be admitted
+        (not even on an idle server): a 400 then, not a 503 that asks the client to retry forever."""
+        scheduler = self.engine.scheduler
+        if sequences > self.max_waiting + scheduler.max_num_seqs:
+            what = f"{prompts} prompts x n={sequences // prompts}" if prompts > 1 else f"n={sequences}"
+            raise InvalidParam("prompt" if prompts > 1 else "n", f"{what} is more sequences than this server holds at once "
+                                                                 f"({scheduler.max_num_seqs} running + {self.max_waiting} waiting)")
+
     async def generate(self, request_id: str, prompt: str | dict, params: SamplingParams, lora: LoRARequest | None):
         """Yield RequestOutputs (cumulative) until the request finishes; aborts it if the caller goes away.
 
@@ -205,9 +214,7 @@ class AsyncEngine:
                 raise self.refusing
             scheduler, n = self.engine.scheduler, params.n
             if n <= getattr(self.engine.config, "max_n", n):  # a larger n is the engine's InvalidParam
-                if n > self.max_waiting + scheduler.max_num_seqs:
-                    raise InvalidParam("n", f"n={n} is more sequences than this server holds at once "
-                                            f"({scheduler.max_num_seqs} running + {self.max_waiting} waiting)")
+                self.check_holds(n)
                 waiting = len(scheduler.waiting)
                 startable = max(0, min(scheduler.slots.num_free, scheduler.max_num_seqs - len(scheduler.running)))
                 if waiting + n > self.max_waiting + startable:
