@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
 
 from hylo.engine.engine import EngineConfig, LLMEngine
+from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 from hylo.outputs import RequestOutput
+from hylo.parsers import check_parser_names, output_parser
 from hylo.sampling import InvalidParam, SamplingParams
 
 Prompt = str | dict
@@ -36,7 +39,12 @@ class LLM:
         load_format: str = "safetensors",
         enforce_eager: bool = False,
         progress: bool = True,
+        reasoning_parser: str | None = None,
+        tool_call_parser: str | None = None,
     ):
+        check_parser_names(reasoning_parser, tool_call_parser)
+        # Used by chat(): the server's --reasoning-parser and --tool-call-parser, with the same names.
+        self.reasoning_parser, self.tool_call_parser = reasoning_parser, tool_call_parser
         config = EngineConfig(
             model=str(model),
             dtype=dtype,
@@ -91,15 +99,15 @@ class LLM:
             prompts = list(prompts)
         else:
             raise InvalidParam("prompt", f"prompts must be a string, a dict or a list of them, not {type(prompts).__name__}")
-        params = sampling_params or SamplingParams()
-        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts; give one, or one per prompt")
-        loras = [lora_request] * len(prompts) if lora_request is None or isinstance(lora_request, LoRARequest) else list(lora_request)
-        if len(loras) != len(prompts):
-            raise ValueError(f"{len(loras)} lora_requests for {len(prompts)} prompts; give one, or one per prompt")
+        params = _per_prompt("sampling_params", sampling_params, SamplingParams, len(prompts), SamplingParams())
+        loras = _per_prompt("lora_request", lora_request, LoRARequest, len(prompts), None)
+        by_id: dict[int, LoRARequest] = {}
+        for lora in loras:
+            if lora is not None and by_id.setdefault(lora.lora_int_id, lora).lora_path != lora.lora_path:
+                raise AdapterError(f"lora_int_id {lora.lora_int_id} is given to both '{by_id[lora.lora_int_id].lora_name}' and "
+                                   f"'{lora.lora_name}' (another folder) in this call; give each adapter its own id")
         engine = self.llm_engine
-        for lora in {lora.lora_int_id: lora for lora in loras if lora is not None}.values():
+        for lora in by_id.values():
             engine.add_lora(lora)  # read up front: a refused adapter raises here, before anything runs
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
@@ -127,6 +135,9 @@ class LLM:
         return True
 
     def remove_lora(self, lora_int_id: int) -> bool:
+        if isinstance(lora_int_id, bool) or not isinstance(lora_int_id, int):
+            hint = " (pass its .lora_int_id)" if isinstance(lora_int_id, LoRARequest) else ""
+            raise InvalidParam("lora_int_id", f"remove_lora takes an adapter's lora_int_id (an integer), not {type(lora_int_id).__name__}{hint}")
         lora = self.llm_engine.lora
         return lora is not None and lora.remove(lora_int_id)
 
@@ -142,14 +153,70 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
         lora_request: LoRARequest | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the checkpoint's chat template to one conversation (or a list of them) and generate."""
+        """Apply the checkpoint's chat template to one conversation (or a list of them) and generate.
+
+        `tools` (OpenAI's tool definitions) reach the template, as do assistant `tool_calls` (their JSON
+        `arguments` read as mappings, as Qwen3.5's template wants them) and `tool` messages. With
+        `reasoning_parser` each CompletionOutput gets `reasoning_content` and `content`; with `tool_call_parser`
+        and tools, `tool_calls` too (the server's message, field for field)."""
         tokenizer = self.llm_engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model folder has no chat template; use generate() with a plain prompt")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [
-            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
-            for c in conversations
-        ]
-        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+        if not isinstance(messages, list) or not messages:
+            raise InvalidParam("messages", f"messages must be a non-empty list of message dicts (or a list of such lists), not {type(messages).__name__}")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        if not all(isinstance(c, list) and c and all(isinstance(m, dict) for m in c) for c in conversations):
+            raise InvalidParam("messages", "messages must be a list of message dicts, or a list of such lists, not a mix")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise InvalidParam("chat_template_kwargs", f"chat_template_kwargs must be a dict, not {type(chat_template_kwargs).__name__}")
+        kwargs = dict(chat_template_kwargs or {})
+        if tools:
+            kwargs["tools"] = tools
+        try:
+            prompts = [
+                tokenizer.apply_chat_template([_template_message(m) for m in c], tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+                for c in conversations
+            ]
+        except Exception as e:  # a template raises on roles or content it does not expect
+            raise InvalidParam("messages", f"the chat template rejected these messages: {e}") from None
+        outs = self.generate(prompts, sampling_params, use_tqdm, lora_request)
+        if self.reasoning_parser is not None or (self.tool_call_parser is not None and tools):
+            for prompt, out in zip(prompts, outs):
+                for c in out.outputs:
+                    parser = output_parser(self.reasoning_parser, prompt, kwargs.get("enable_thinking"), self.tool_call_parser, tools)
+                    parser.feed(c.text, final=True)
+                    message = parser.message()
+                    c.content, c.reasoning_content, c.tool_calls = message["content"], message.get("reasoning_content"), message.get("tool_calls")
+        return outs
+
+
+def _template_message(message: dict) -> dict:
+    """A tool call's `arguments` given as a JSON string (OpenAI's form) as the mapping chat templates iterate."""
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not calls:
+        return message
+    read = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            call = {**call, "function": {**function, "arguments": json.loads(function["arguments"] or "{}")}}
+        read.append(call)
+    return {**message, "tool_calls": read}
+
+
+def _per_prompt(name: str, value, kind: type, count: int, default) -> list:
+    """`value` (one `kind` for every prompt, or a list with one per prompt; None: `default`) as a list of `count`;
+    InvalidParam naming `name` for anything else."""
+    if value is None or isinstance(value, kind):
+        return [default if value is None else value] * count
+    if not isinstance(value, Seq) or isinstance(value, (str, bytes)):
+        raise InvalidParam(name, f"{name} must be a {kind.__name__}, or a list with one per prompt, not {type(value).__name__}")
+    values = list(value)
+    if len(values) != count:
+        raise InvalidParam(name, f"{name}: {len(values)} given for {count} prompts; give one, or one per prompt")
+    for i, v in enumerate(values):
+        if not (isinstance(v, kind) or v is None and kind is LoRARequest):
+            raise InvalidParam(name, f"{name}[{i}] must be a {kind.__name__}{' or None' if kind is LoRARequest else ''}, not {type(v).__name__}")
+    return values

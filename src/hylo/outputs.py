@@ -21,6 +21,11 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
+    # LLM.chat with LLM(reasoning_parser=...) / LLM(tool_call_parser=...) and tools: `text` split as the server's
+    # message is (hylo.parsers). `text` stays the whole output.
+    reasoning_content: str | None = None
+    content: str | None = None
+    tool_calls: list[dict] | None = None  # OpenAI's shape: {"id", "type": "function", "function": {"name", "arguments"}}
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -12,6 +12,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 from hylo.outputs import RequestOutput
+from hylo.parsers import ChatOutputParser
 from hylo.sampling import InvalidParam
+from hylo.server.agent import choice_parsers, request_tools, template_message
+from hylo.server.agent_protocol import chat_request_class
 from hylo.server.async_engine import AsyncEngine, Overloaded, Unavailable
 from hylo.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hylo.server.protocol import ADAPTER_NAME, ADAPTER_NAME_RULE
@@ -51,6 +55,9 @@ class ServerState:
     max_request_bytes: int = 16 << 20  # larger bodies get 413 before they are read
     trust_request_chat_template: bool = False  # render chat templates that requests send
     loading: set[str] = field(default_factory=set)  # adapter names being loaded now
+    reasoning_parser: str | None = None  # --reasoning-parser: reasoning_content apart from content (hylo.parsers)
+    tool_call_parser: str | None = None  # --tool-call-parser: tools, tool_calls, tool messages
+    auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" parses the output for calls
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -138,16 +145,26 @@ def build_app(state: ServerState) -> FastAPI:
         lora = resolve_model(state, body.model)
         prompts = split_prompts(body.prompt)
         params = make_params(body, body.logprobs, state)
+        try:  # each prompt is admitted on its own: refuse a request whose prompts together could never all be
+            if len(prompts) > 1 and params.n <= getattr(state.engine.engine.config, "max_n", params.n):  # else n's own 400
+                state.engine.check_holds(len(prompts) * params.n, len(prompts))
+        except InvalidParam as e:
+            raise ApiError(400, str(e), e.param) from None
         return await respond(state, body, lora, prompts, params, chat=False, request=request)
 
-    @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         lora = resolve_model(state, body.model)
         tokenizer = state.engine.engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions")
-        messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+        messages = [template_message(m) for m in body.messages]
         kwargs = template_kwargs(state, body)
+        try:
+            tools, parse_tools = request_tools(body, state.auto_tool_choice)
+        except InvalidParam as e:
+            raise ApiError(400, str(e), e.param) from None
+        if tools is not None:
+            kwargs["tools"] = tools
         try:  # on a prompt worker thread: a slow template holds up neither the event loop nor the batch
             prompt = await state.engine.prompts.render(messages, body.add_generation_prompt, kwargs)
         except Exception as e:  # a template may raise on unexpected roles or content
@@ -155,7 +172,12 @@ def build_app(state: ServerState) -> FastAPI:
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await respond(state, body, lora, [prompt], make_params(body, logprobs, state), chat=True, request=request)
+        parsers = choice_parsers(state.reasoning_parser, state.tool_call_parser, prompt, body, tools, parse_tools)
+        return await respond(state, body, lora, [prompt], make_params(body, logprobs, state), chat=True, request=request, parsers=parsers)
+
+    # The body's schema takes tools and reasoning in the history only where their parsers run (server/agent_protocol.py).
+    chat.__annotations__["body"] = chat_request_class(state.tool_call_parser is not None, state.reasoning_parser is not None)
+    app.post("/v1/chat/completions")(chat)
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):
@@ -251,13 +273,6 @@ async def _reply(scope, receive, send, status: int, message: str) -> None:
     await JSONResponse(error_body(message, ERROR_TYPES[status], status), status_code=status)(scope, receive, send)
 
 
-def _text(content: str | list[dict] | None) -> str:
-    """A message's text; protocol.ChatMessage has already refused every part that is not {"type": "text", "text": str}."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(part["text"] for part in content)
-
-
 def template_kwargs(state: ServerState, body) -> dict:
     """The request's chat_template_kwargs; a chat template of its own only with --trust-request-chat-template
     (rendering a template runs the client's code: a tiny one can loop for minutes)."""
@@ -312,7 +327,7 @@ def make_params(body, logprobs: int | None, state: ServerState):
         raise ApiError(400, str(e).removeprefix("SamplingParams."), getattr(e, "param", None)) from None
 
 
-async def respond(state: ServerState, body, lora, prompts, params, chat: bool, request: Request | None = None):
+async def respond(state: ServerState, body, lora, prompts, params, chat: bool, request: Request | None = None, parsers=None):
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     try:
         # Every prompt tokenized (on prompt worker threads) and checked against max_model_len first: a long
@@ -336,7 +351,7 @@ async def respond(state: ServerState, body, lora, prompts, params, chat: bool, r
         raise ApiError(503, str(e)) from None
     except StopAsyncIteration:
         raise ApiError(500, "no output") from None
-    view = Responder(request_id, body.model, chat, params)
+    view = Responder(request_id, body.model, chat, params, parsers)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(view.sse(first, merged, include_usage), media_type="text/event-stream")
@@ -446,12 +461,15 @@ def sse_error(status: int, message: str, param: str | None = None) -> str:
 class Responder:
     """Shapes RequestOutputs as OpenAI completion / chat responses and SSE chunks."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, params):
+    def __init__(self, request_id: str, model: str, chat: bool, params, parsers: Callable[[], ChatOutputParser] | None = None):
         self.id, self.model, self.chat, self.params = request_id, model, chat, params
         self.created = int(time.time())
         self.n = params.n
         self.sent: dict[int, int] = {}  # choice index → characters already streamed
         self.sent_tokens: dict[int, int] = {}
+        # Chat with --reasoning-parser / tool calls: each choice's text goes through a parser of its own.
+        self.parsers = parsers if chat else None
+        self.parsing: dict[int, ChatOutputParser] = {}
         # A stop string may still complete: hold back that many characters until the choice finishes.
         self.hold = max((len(s) for s in params.stop), default=1) - 1
 
@@ -470,6 +488,11 @@ class Responder:
                 choice = {"index": self._choice_index(p, c.index), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if self.chat:
                     choice["message"] = {"role": "assistant", "content": c.text}
+                    if self.parsers is not None:
+                        parser = self.parsers()
+                        parser.feed(c.text, final=True)
+                        choice["message"].update(parser.message())
+                        choice["finish_reason"] = self._finish_reason(parser, c.finish_reason)
                     choice["logprobs"] = self._chat_logprobs(c.logprobs) if c.logprobs is not None else None
                 else:
                     choice["text"] = c.text
@@ -521,16 +544,31 @@ class Responder:
         if not text and not finished:
             return None
         self.sent[index] = upto
-        self.sent_tokens[index] = len(c.token_ids)
+        delta = {"content": text} if text else {}
         choice = {"index": index, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if self.parsers is not None:
+            if index not in self.parsing:
+                self.parsing[index] = self.parsers()
+            parser = self.parsing[index]
+            delta = parser.feed(text, final=finished).openai()
+            if not delta and not finished:
+                return None  # held back by the parser (a tag may be starting); its tokens' logprobs come with the next chunk
+            if finished:
+                choice["finish_reason"] = self._finish_reason(parser, c.finish_reason)
+        self.sent_tokens[index] = len(c.token_ids)
         new_logprobs = c.logprobs[tokens_from:] if c.logprobs is not None else None
         if self.chat:
-            choice["delta"] = {"content": text} if text else {}
+            choice["delta"] = delta
             choice["logprobs"] = self._chat_logprobs(new_logprobs) if new_logprobs is not None else None
         else:
             choice["text"] = text
             choice["logprobs"] = self._completion_logprobs(new_logprobs) if new_logprobs is not None else None
         return choice
+
+    @staticmethod
+    def _finish_reason(parser: ChatOutputParser, reason: str | None) -> str | None:
+        """"tool_calls" when the model ended its turn with tool calls; a call cut short stays "length" (as the others)."""
+        return "tool_calls" if reason == "stop" and parser.called else reason
 
     def _event(self, choices: list[dict], usage: dict | None = None) -> str:
         kind = "chat.completion.chunk" if self.chat else "text_completion"

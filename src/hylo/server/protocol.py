@@ -76,23 +76,43 @@ def _same(value: Any, allowed: Any) -> bool:
 
 
 def _unicode_problem(data: Any) -> tuple[list, str] | None:
-    """The path and description of the first string (or object key) that is not valid Unicode."""
-    stack: list[tuple[list, Any]] = [([], data)]
+    """The path and description of the first string (or object key) that is not valid Unicode.
+
+    It runs on the event loop for every body: one pass in C finds whether there is any problem at all; only
+    then is the body walked, each item's path kept as a link to its parent's (copying the path for each item
+    made a deeply nested body of 600 kB block the loop for seconds)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    except (TypeError, ValueError, RecursionError):
+        pass  # not JSON data (the walk below says what it can)
+    stack: list[tuple[Any, tuple | None]] = [(data, None)]
     while stack:
-        path, value = stack.pop()
+        value, at = stack.pop()
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
-                return path, f"a lone UTF-16 surrogate ({shown(value[e.start])}) at character {e.start}"
+                return _path(at), f"a lone UTF-16 surrogate ({shown(value[e.start])}) at character {e.start}"
         elif isinstance(value, dict):
             for key, item in reversed(value.items()):
                 if isinstance(key, str) and _unicode_problem(key) is not None:
-                    return path, f"an object key that is not valid Unicode ({shown(key)})"
-                stack.append((path + [key], item))
+                    return _path(at), f"an object key that is not valid Unicode ({shown(key)})"
+                stack.append((item, (at, key)))
         elif isinstance(value, list):
-            stack.extend((path + [i], item) for i, item in reversed(list(enumerate(value))))
+            stack.extend((item, (at, i)) for i, item in reversed(list(enumerate(value))))
     return None
+
+
+def _path(at: tuple | None) -> list:
+    """(((None, "messages"), 0), "content") → ["messages", 0, "content"]."""
+    path = []
+    while at is not None:
+        at, key = at
+        path.append(key)
+    return path[::-1]
 
 
 class Body(BaseModel):
@@ -101,6 +121,8 @@ class Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     # field → the values that ask for nothing (accepted and dropped); anything else is refused.
     not_supported: ClassVar[dict[str, tuple]] = {}
+    # field → how to get it: appended to its refusal (e.g. the server flag that turns it on).
+    hints: ClassVar[dict[str, str]] = {}
     where: ClassVar[str] = "this object"
     check_unicode: ClassVar[bool] = False  # once, on the outermost body
 
@@ -114,16 +136,17 @@ class Body(BaseModel):
             raise refuse(path, f"{format_param(path) or 'the body'} is not valid Unicode: it holds {found}; send UTF-8 text (in JSON, \\ud800-\\udfff escapes must come in surrogate pairs)")
         kept = {}
         for key, value in data.items():
-            if key in cls.model_fields:
+            if key in cls.not_supported:  # first: a subclass may declare a field that is off on this server
+                neutral = cls.not_supported[key]
+                if not any(_same(value, a) for a in neutral):
+                    accepted = " or ".join(shown(a) for a in neutral if a is not None)
+                    hint = f"; {cls.hints[key]}" if key in cls.hints else ""
+                    raise refuse([key], f"{key} is not supported by hylo{hint}; remove it" + (f" (hylo accepts only {accepted}, which asks for nothing)" if accepted else ""))
+            elif key in cls.model_fields:
                 field = cls.model_fields[key]
                 if value is None and not field.is_required():
                     continue  # null means the default, as in OpenAI's API
                 kept[key] = value
-            elif key in cls.not_supported:
-                neutral = cls.not_supported[key]
-                if not any(_same(value, a) for a in neutral):
-                    accepted = " or ".join(shown(a) for a in neutral if a is not None)
-                    raise refuse([key], f"{key} is not supported by hylo; remove it" + (f" (hylo accepts only {accepted}, which asks for nothing)" if accepted else ""))
             else:
                 raise refuse([key], f"unknown field {shown(key)}: {cls.where} does not take it; remove it (the fields hylo takes here: {', '.join(cls.model_fields)})")
         return kept
@@ -261,6 +284,8 @@ class CompletionRequest(SamplingFields):
 
 
 ROLES = ("system", "developer", "user", "assistant")
+TOOLS_HINT = "a server started with --enable-auto-tool-choice --tool-call-parser qwen3_coder takes it"
+REASONING_HINT = "a server started with --reasoning-parser qwen3 takes it"
 CONTENT_PART_TYPES_NOT_SUPPORTED = ("image_url", "input_audio", "file", "image", "audio_url", "video_url", "input_image", "input_file", "refusal")
 
 
@@ -271,6 +296,8 @@ class ChatMessage(Body):
         "name": (None,), "tool_calls": (None, []), "tool_call_id": (None,), "function_call": (None,), "refusal": (None,),
         "audio": (None,), "annotations": (None, []), "reasoning_content": (None,), "reasoning": (None,),
     }
+    hints = {"tool_calls": TOOLS_HINT, "tool_call_id": TOOLS_HINT, "reasoning_content": REASONING_HINT, "reasoning": REASONING_HINT}
+    roles: ClassVar[tuple[str, ...]] = ROLES  # "tool" too where the server calls tools (server/agent_protocol.py)
 
     role: str
     content: str | list[dict] | None = None
@@ -278,11 +305,11 @@ class ChatMessage(Body):
     @field_validator("role")
     @classmethod
     def _role(cls, value: str) -> str:
+        if value in cls.roles:
+            return value
         if value in ("tool", "function"):
-            raise refuse([], f"role {shown(value)} is not supported by hylo (no tool calling); use one of {', '.join(ROLES)}")
-        if value not in ROLES:
-            raise refuse([], f"role must be one of {', '.join(ROLES)}, not {shown(value)}")
-        return value
+            raise refuse([], f"role {shown(value)} is not supported by hylo (no tool calling{'' if value == 'function' else '; ' + TOOLS_HINT}); use one of {', '.join(cls.roles)}")
+        raise refuse([], f"role must be one of {', '.join(cls.roles)}, not {shown(value)}")
 
     @field_validator("content", mode="plain")
     @classmethod
@@ -330,6 +357,7 @@ class ChatRequest(SamplingFields):
         "documents": (None,),
         "mm_processor_kwargs": (None,),
     }
+    hints = {"tools": TOOLS_HINT, "tool_choice": TOOLS_HINT}
 
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
@@ -338,7 +366,7 @@ class ChatRequest(SamplingFields):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # rendered only by a server started with --trust-request-chat-template
-    parallel_tool_calls: bool | None = None  # no tools are accepted, so it changes nothing
+    parallel_tool_calls: bool | None = None  # false: one tool call at most (changes nothing where tools are off)
     safety_identifier: str | None = None  # like `user`
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from pathlib import Path
 from hylo.engine.config import EngineConfig
 from hylo.engine.engine import LLMEngine
 from hylo.lora.request import LoRARequest
+from hylo.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
 
 log = logging.getLogger("hylo")
 
@@ -48,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=16 << 20, help="larger request bodies get 413 before they are read")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="render a chat template sent in a request (chat_template_kwargs.chat_template); refused otherwise")
+    p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS),
+                   help="chat: the model's thinking (before </think>) in message.reasoning_content, the rest in content")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS),
+                   help="chat: take tools, tool_calls and tool messages; read the model's tool calls with this parser")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="chat: tool_choice \"auto\" (the default with tools) returns the model's tool calls; needs --tool-call-parser")
     p.add_argument("--enable-lora", action="store_true")
     p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH")
     p.add_argument("--max-loras", type=int, default=4)
@@ -87,6 +94,8 @@ def serve(args: argparse.Namespace) -> int:
     for name in modules:
         if not ADAPTER_NAME.fullmatch(name):
             raise ValueError(f"--lora-modules: adapter name {name!r} must be {ADAPTER_NAME_RULE}")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (qwen3_coder for Qwen3.5)")
     if args.allow_runtime_lora and not args.lora_root:
         raise ValueError("--allow-runtime-lora needs --lora-root DIR: runtime adapter paths must lie inside it")
     for flag in ("max_waiting", "max_request_bytes"):
@@ -118,6 +127,7 @@ def serve(args: argparse.Namespace) -> int:
         args.served_model_name or Path(model).name, model, args.api_key,
         Path(os.path.realpath(args.lora_root)) if args.allow_runtime_lora else None,
         max_request_bytes=args.max_request_bytes, trust_request_chat_template=args.trust_request_chat_template,
+        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser, auto_tool_choice=args.enable_auto_tool_choice,
     )
     try:
         for name, path in modules.items():
