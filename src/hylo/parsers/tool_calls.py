@@ -127,22 +127,18 @@ def _as(kind: str, text: str) -> tuple[bool, Any]:
     s = text.strip()
     if kind == "string":
         return True, text
-    if kind == "integer":
+    if kind in ("integer", "number"):
         if _INTEGER.fullmatch(s):
             return True, int(s)
         try:
             f = float(s)
         except ValueError:
             return False, None
-        return (True, int(f)) if math.isfinite(f) and f.is_integer() else (False, None)
-    if kind == "number":
-        if _INTEGER.fullmatch(s):
-            return True, int(s)
-        try:
-            f = float(s)
-        except ValueError:
+        if not math.isfinite(f):
             return False, None
-        return (True, f) if math.isfinite(f) else (False, None)
+        if kind == "number":
+            return True, f
+        return (True, int(f)) if f.is_integer() else (False, None)
     if kind == "boolean":
         return (True, s.lower() == "true") if s.lower() in ("true", "false") else (False, None)
     if kind == "null":
