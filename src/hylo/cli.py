@@ -10,7 +10,11 @@ import time
 from pathlib import Path
 
 from hylo.config import ModelError
+from hylo.engine.config import add_engine_arguments, engine_config_from
 from hylo.lora.peft_config import AdapterError
+
+
+ENGINE_FLAGS_SKIPPED = ("seed",)  # `hylo generate --seed` is the sampling seed
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -33,10 +37,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"error: --use-lora {unknown[0]}: no adapter of that name; add it with --lora {unknown[0]}=PATH", file=sys.stderr)
         return 2
     requests = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(loras.items())}
-    llm = LLM(
-        model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-        enable_lora=bool(requests), max_loras=max(1, len(requests)), max_lora_rank=args.max_lora_rank,
-    )
+    options = vars(engine_config_from(args, ENGINE_FLAGS_SKIPPED, model=model, enable_lora=args.enable_lora or bool(requests),
+                                      max_loras=max(args.max_loras, len(requests))))
+    llm = LLM(**options)
     params = SamplingParams(
         n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
         max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
@@ -107,13 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--stop", action="append")
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--max-model-len", type=int)
-    gen.add_argument("--tensor-parallel-size", type=int, default=1)
     gen.add_argument("--lora", action="append", type=_lora_pair, metavar="NAME=PATH", help="a PEFT adapter; repeat for several")
     gen.add_argument("--use-lora", action="append", metavar="NAME", help="run the prompts with this adapter ('base': none); repeat for several")
-    gen.add_argument("--max-lora-rank", type=int, default=64)
+    add_engine_arguments(gen, skip=ENGINE_FLAGS_SKIPPED)
     gen.set_defaults(run=_generate)
     check = sub.add_parser("check-adapter", help="show where every adapter tensor lands (per TP rank), or why it is refused")
     check.add_argument("model", help="base checkpoint folder")

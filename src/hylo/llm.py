@@ -8,7 +8,8 @@ from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
 
-from hylo.engine.engine import EngineConfig, LLMEngine
+from hylo.engine.config import EngineConfig, engine_options
+from hylo.engine.engine import LLMEngine
 from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 from hylo.outputs import RequestOutput
@@ -16,54 +17,28 @@ from hylo.parsers import check_parser_names, output_parser
 from hylo.sampling import InvalidParam, SamplingParams
 
 Prompt = str | dict
+ENGINE_OPTIONS = engine_options()
 
 
 class LLM:
     def __init__(
         self,
         model: str,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        kv_cache_memory_bytes: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        enable_lora: bool = False,
-        max_loras: int = 1,
-        max_lora_rank: int = 16,
-        max_cpu_loras: int | None = None,
-        block_size: int = 16,
-        load_format: str = "safetensors",
-        enforce_eager: bool = False,
+        *,
         progress: bool = True,
         reasoning_parser: str | None = None,
         tool_call_parser: str | None = None,
+        **engine_options,
     ):
+        """`engine_options`: any EngineConfig field (vLLM's names: dtype, max_model_len, tensor_parallel_size,
+        enable_lora, max_loras, max_lora_rank, ...); `hylo serve` takes the same as flags."""
+        unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
+        if unknown:
+            raise TypeError(f"LLM() got unknown options {', '.join(unknown)}; it takes {', '.join(ENGINE_OPTIONS)}")
         check_parser_names(reasoning_parser, tool_call_parser)
         # Used by chat(): the server's --reasoning-parser and --tool-call-parser, with the same names.
         self.reasoning_parser, self.tool_call_parser = reasoning_parser, tool_call_parser
-        config = EngineConfig(
-            model=str(model),
-            dtype=dtype,
-            device=device,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_lora=enable_lora,
-            max_loras=max_loras,
-            max_lora_rank=max_lora_rank,
-            max_cpu_loras=max_cpu_loras,
-            load_format=load_format,
-            enforce_eager=enforce_eager,
-        )
+        config = EngineConfig(model=str(model), **engine_options)
         self.llm_engine = LLMEngine(config, progress=progress)
         self._ids = itertools.count()
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -11,27 +12,34 @@ from hylo.config import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class EngineConfig:
+    """Every engine setting, once: `LLM(...)`'s keyword arguments and `hylo serve` / `hylo generate`'s flags are
+    made from these fields (`add_engine_arguments`), so the three cannot drift apart."""
+
     model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float = 0.9
-    seed: int = 0
-    tensor_parallel_size: int = 1
-    enable_lora: bool = False
-    max_loras: int = 1
-    max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
-    load_format: str = "safetensors"  # or "dummy": random weights, for benchmarks
-    enforce_eager: bool = False  # CUDA: run decode steps op by op instead of replaying captured graphs
-    max_n: int = 128  # sequences one request may ask for (SamplingParams.n), as OpenAI's limit
-    max_logprobs: int = 20  # top logprobs one request may ask for per token, as vLLM's default
+    dtype: str = _option("auto", "auto (float32 on CPU; on GPU the checkpoint's 16-bit type, else bfloat16), float32, bfloat16 or float16")
+    device: str = _option("auto", "auto (cuda if present), cuda or cpu")
+    max_model_len: int | None = _option(None, "the longest sequence, prompt and output together (default: the checkpoint's)")
+    max_num_seqs: int = _option(256, "sequences in one step at most")
+    max_num_batched_tokens: int = _option(2048, "tokens in one step at most (longer prompts are prefilled in chunks)")
+    block_size: int = _option(16, "tokens per KV-cache block")
+    kv_cache_memory_bytes: int | None = _option(None, "bytes for KV blocks and GDN state (default: from gpu_memory_utilization, or 1 GiB on CPU)")
+    gpu_memory_utilization: float = _option(0.9, "the share of the GPU's memory the engine may use")
+    seed: int = _option(0, "the engine's random seed (a request's own seed makes its sampling reproducible)")
+    tensor_parallel_size: int = _option(1, "ranks to split the model over (one process each)")
+    enable_lora: bool = _option(False, "serve LoRA adapters")
+    max_loras: int = _option(1, "adapters in device slots at once")
+    max_lora_rank: int = _option(16, "the highest adapter rank accepted")
+    max_cpu_loras: int | None = _option(None, "adapters kept in host memory (default: max_loras)")
+    load_format: str = _option("safetensors", "safetensors, or dummy (random weights, for benchmarks)")
+    enforce_eager: bool = _option(False, "CUDA: run decode steps op by op instead of replaying captured graphs")
+    max_n: int = _option(128, "sequences one request may ask for (n), as OpenAI's limit")
+    max_logprobs: int = _option(20, "top logprobs one request may ask for per token, as vLLM's default")
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -76,3 +84,31 @@ def resolve_dtype(name: str, device: torch.device, model: ModelConfig) -> torch.
     if device.type == "cpu":
         return torch.float32
     return torch.float16 if model.dtype == "float16" else torch.bfloat16
+
+
+FLAG_ALIASES = {"tensor_parallel_size": ["-tp"]}  # vLLM's short form
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per EngineConfig field but `model` and `skip` (--max-num-seqs for max_num_seqs ...)."""
+    for f in fields(EngineConfig):
+        if f.name == "model" or f.name in skip:
+            continue
+        flags = FLAG_ALIASES.get(f.name, []) + ["--" + f.name.replace("_", "-")]
+        kind = f.type.split("|")[0].strip()  # "int | None" → int
+        if kind == "bool":
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(*flags, dest=f.name, type=_TYPES[kind], default=f.default, help=f.metadata["help"])
+
+
+def engine_config_from(args: argparse.Namespace, skip: tuple[str, ...] = (), **overrides) -> EngineConfig:
+    """The EngineConfig that `add_engine_arguments(parser, skip)`'s flags describe, with `overrides` on top."""
+    given = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if f.name not in skip and hasattr(args, f.name)}
+    return EngineConfig(**{**given, **overrides})
+
+
+def engine_options() -> list[str]:
+    """The keyword arguments LLM(...) takes for the engine."""
+    return [f.name for f in fields(EngineConfig) if f.name != "model"]

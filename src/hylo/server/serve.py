@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from hylo.engine.config import EngineConfig
+from hylo.engine.config import add_engine_arguments, engine_config_from
 from hylo.engine.engine import LLMEngine
 from hylo.lora.request import LoRARequest
 from hylo.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
@@ -36,16 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
     p.add_argument("--served-model-name", help="the base model's name in the API (default: the folder name)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs (slower; for debugging)")
+    add_engine_arguments(p)
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="sequences (n per request) that may wait beyond what the scheduler can start at once; more get 503")
-    p.add_argument("--max-n", type=int, default=EngineConfig.max_n, help="the most sequences (n) one request may ask for")
-    p.add_argument("--max-logprobs", type=int, default=EngineConfig.max_logprobs, help="the most top logprobs one request may ask for")
     p.add_argument("--max-request-bytes", type=int, default=16 << 20, help="larger request bodies get 413 before they are read")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="render a chat template sent in a request (chat_template_kwargs.chat_template); refused otherwise")
@@ -55,11 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat: take tools, tool_calls and tool messages; read the model's tool calls with this parser")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="chat: tool_choice \"auto\" (the default with tools) returns the model's tool calls; needs --tool-call-parser")
-    p.add_argument("--enable-lora", action="store_true")
-    p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH")
-    p.add_argument("--max-loras", type=int, default=4)
-    p.add_argument("--max-cpu-loras", type=int)
-    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH", help="adapters to load at start-up (turns on --enable-lora)")
     p.add_argument("--allow-runtime-lora", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--lora-root", help="runtime adapter paths must lie inside this folder")
 
@@ -102,12 +91,7 @@ def serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) < (0 if flag == "max_waiting" else 1):
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} is out of range")
     enable_lora = args.enable_lora or bool(modules) or args.allow_runtime_lora
-    engine = LLMEngine(EngineConfig(
-        model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        tensor_parallel_size=args.tensor_parallel_size, enable_lora=enable_lora, max_loras=args.max_loras,
-        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, enforce_eager=args.enforce_eager,
-        max_n=args.max_n, max_logprobs=args.max_logprobs,
-    ))
+    engine = LLMEngine(engine_config_from(args, model=model, enable_lora=enable_lora))
     server: Server | None = None
 
     def on_failure(reason: str) -> None:
