@@ -152,3 +152,27 @@ def test_runtime_loading_is_off_by_default():
         assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"]
     finally:
         assert s.stop()
+
+
+def test_tokenize_detokenize_version_and_max_model_len(server):
+    """vLLM's /tokenize and /detokenize round-trip through the served tokenizer; /version answers; /v1/models
+    gives each model's max_model_len."""
+    from hylo.demo import BASE_DIR
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BASE_DIR), local_files_only=True)
+    text = prompt_for(17)
+    r = httpx.post(server.url + "/tokenize", json={"model": "down", "prompt": text, "add_special_tokens": False}, timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["tokens"] == tokenizer.encode(text, add_special_tokens=False) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 20000
+    back = httpx.post(server.url + "/detokenize", json={"tokens": body["tokens"]}, timeout=30)
+    assert back.status_code == 200 and back.json()["prompt"] == text
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [1, 10**9]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.post(server.url + "/tokenize", json={"model": "nope", "prompt": "x"}, timeout=30).status_code == 404
+    assert httpx.post(server.url + "/tokenize", json={"prompt": 5}, timeout=30).status_code == 400
+    assert httpx.get(server.url + "/version", timeout=30).json()["version"]
+    models = server.client().models.list().data
+    assert {"base", "down", "twos"} <= {m.id for m in models} and all(m.max_model_len == 20000 for m in models)

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import uuid
+from importlib.metadata import version as package_version
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ from hylo.server.async_engine import AsyncEngine, Overloaded, Unavailable
 from hylo.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hylo.server.protocol import ADAPTER_NAME, ADAPTER_NAME_RULE
 from hylo.server.protocol import (
-    ERROR_TYPES, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, describe, error_body, hide_paths,
+    ERROR_TYPES, ChatRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest, UnloadAdapterRequest, describe,
+    error_body, hide_paths,
 )
 
 log = logging.getLogger("hylo")
@@ -132,13 +134,42 @@ def build_app(state: ServerState) -> FastAPI:
         created = int(time.time())
         # No server paths: the base model's root is its served name (as in vLLM); an adapter's is its name, or
         # for one loaded at runtime the path the client gave (relative to --lora-root).
-        data = [{"id": state.served_name, "object": "model", "created": created, "owned_by": "hylo", "root": state.served_name, "parent": None}]
+        max_model_len = state.engine.engine.max_model_len
+        data = [{"id": state.served_name, "object": "model", "created": created, "owned_by": "hylo", "root": state.served_name, "parent": None,
+                 "max_model_len": max_model_len}]
         paths = server_paths()
         data += [
-            {"id": name, "object": "model", "created": created, "owned_by": "hylo", "root": hide_paths(r.lora_path, paths), "parent": state.served_name}
+            {"id": name, "object": "model", "created": created, "owned_by": "hylo", "root": hide_paths(r.lora_path, paths), "parent": state.served_name,
+             "max_model_len": max_model_len}
             for name, r in state.adapters.items()
         ]
         return {"object": "list", "data": data}
+
+    @app.get("/version")
+    async def version():
+        return {"version": package_version("hylo")}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            resolve_model(state, body.model)
+        tokenizer = state.engine.engine.tokenizer
+        if tokenizer is None:
+            raise ApiError(400, "this model folder has no tokenizer, so there is nothing to tokenize with")
+        ids = await state.engine.prompts.run(lambda tok: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        return {"count": len(ids), "max_model_len": state.engine.engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            resolve_model(state, body.model)
+        tokenizer, vocab = state.engine.engine.tokenizer, state.engine.engine.model_config.text.vocab_size
+        if tokenizer is None:
+            raise ApiError(400, "this model folder has no tokenizer, so there is nothing to detokenize with")
+        outside = [t for t in body.tokens if not 0 <= t < min(vocab, len(tokenizer))]
+        if outside:
+            raise ApiError(400, f"tokens must be ids in [0, {min(vocab, len(tokenizer))}); got {outside[:5]}", "tokens")
+        return {"prompt": await state.engine.prompts.run(lambda tok: tok.decode(body.tokens))}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

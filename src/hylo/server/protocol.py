@@ -378,6 +378,22 @@ class ChatRequest(SamplingFields):
         return self
 
 
+class TokenizeRequest(Body):
+    where = "/tokenize"
+    check_unicode = True
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(Body):
+    where = "/detokenize"
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class LoadAdapterRequest(Body):
     where = "/v1/load_lora_adapter"
     check_unicode = True
