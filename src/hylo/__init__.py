@@ -5,5 +5,6 @@ from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 from hylo.outputs import CompletionOutput, RequestOutput
 from hylo.sampling import SamplingParams
+from hylo.structured import StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "LoRARequest", "AdapterError", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "LoRARequest", "AdapterError", "RequestOutput", "CompletionOutput", "StructuredOutputsParams"]

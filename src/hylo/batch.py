@@ -5,7 +5,7 @@ from __future__ import annotations
 import array
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,30 +53,38 @@ class StepInput:
     slot_mapping: list[int]
     logits_indices: list[int]
     lora_slots: list[int]  # per sequence, -1 for the base model
+    # Prefix caching: (snapshot entry, state slot) copied in before the forward, (state slot, snapshot entry) copied out
+    # after it; every rank copies its own shard.
+    snapshot_restores: list[tuple[int, int]] = field(default_factory=list)
+    snapshot_saves: list[tuple[int, int]] = field(default_factory=list)
 
     def pack(self) -> array.array:
-        """Every field in one int64 array (for the step channel): four lengths, then the lists in a fixed order."""
-        counts = [len(self.input_ids), len(self.query_lens), len(self.logits_indices), sum(map(len, self.block_tables))]
+        """Every field in one int64 array (for the step channel): six lengths, then the lists in a fixed order."""
+        counts = [len(self.input_ids), len(self.query_lens), len(self.logits_indices), sum(map(len, self.block_tables)),
+                  len(self.snapshot_restores), len(self.snapshot_saves)]
         return array.array("q", itertools.chain(
             counts, self.input_ids, self.positions, self.slot_mapping, self.query_lens, self.context_lens, self.state_slots,
-            self.lora_slots, map(len, self.block_tables), self.logits_indices, *self.block_tables,
+            self.lora_slots, map(len, self.block_tables), self.logits_indices, *self.snapshot_restores, *self.snapshot_saves,
+            *self.block_tables,
         ))
 
     @staticmethod
     def unpack(packed: Sequence[int]) -> StepInput:
-        tokens, seqs, sampled, _ = packed[:4].tolist()
-        fields = packed[4:].tolist()
-        sizes = [tokens] * 3 + [seqs] * 5 + [sampled]
+        tokens, seqs, sampled, _, restores, saves = packed[:6].tolist()
+        fields = packed[6:].tolist()
+        sizes = [tokens] * 3 + [seqs] * 5 + [sampled, 2 * restores, 2 * saves]
         parts, start = [], 0
         for size in sizes:
             parts.append(fields[start : start + size])
             start += size
-        ids, positions, slot_mapping, query_lens, context_lens, state_slots, lora_slots, table_lens, logits_indices = parts
+        ids, positions, slot_mapping, query_lens, context_lens, state_slots, lora_slots, table_lens, logits_indices, *copies = parts
         tables = []
         for n in table_lens:
             tables.append(fields[start : start + n])
             start += n
-        return StepInput(ids, positions, query_lens, context_lens, state_slots, tables, slot_mapping, logits_indices, lora_slots)
+        restore_pairs, save_pairs = (list(zip(flat[::2], flat[1::2])) for flat in copies)
+        return StepInput(ids, positions, query_lens, context_lens, state_slots, tables, slot_mapping, logits_indices, lora_slots,
+                         restore_pairs, save_pairs)
 
     @property
     def seq_lens(self) -> list[int]:

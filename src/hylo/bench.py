@@ -105,13 +105,29 @@ def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
     return (time.perf_counter() - start) / (replays * calls) * 1e6
 
 
-def weight_bytes(model, model_config) -> tuple[int, int]:
-    """This rank's (all weight bytes, bytes read per decode token: routed experts count only top_k of them)."""
+def weight_bytes(model, model_config) -> tuple[int, int, int]:
+    """This rank's (all weight bytes, bytes read per decode token: routed experts count only top_k of them,
+    bytes of the routed experts)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     text = model_config.text
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
     active = total - experts + (experts * text.num_experts_per_tok // text.num_experts if model_config.is_moe else 0)
-    return total, active
+    return total, active, experts
+
+
+def touched_experts(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected number of distinct experts a decode step of `tokens` tokens reads, each token picking `top_k`
+    distinct experts of `num_experts` uniformly: an expert is missed by one token with probability 1 - k/E."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+def step_bytes(total: int, experts: int, model_config, batch: int) -> float:
+    """Bytes one decode step of `batch` sequences reads: every weight but the routed experts, and of those the
+    share a step of this size touches (top_k of them at batch 1, nearly all at large batches)."""
+    if not model_config.is_moe:
+        return total
+    text = model_config.text
+    return total - experts + experts * touched_experts(text.num_experts, text.num_experts_per_tok, batch) / text.num_experts
 
 
 def decode_ms(llm, batch: int, loras: list, prompt_len: int, new_tokens: int) -> float:
@@ -150,19 +166,35 @@ def decode_step_ms(llm, batch: int, prompt_len: int, steps: int = 32) -> float:
     return 1e3 * seconds / steps
 
 
+def write_checkpoint(shape: str, folder: Path) -> Path:
+    """A random bf16 checkpoint of `shape` in HF's safetensors layout, as `save_pretrained` writes it."""
+    import transformers as tf
+
+    write_config(shape, folder)
+    with torch.device("cuda"):  # initialise on the GPU: random weights of billions of parameters take minutes on the host
+        model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
 def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_len: int, new_tokens: int, prefill_tokens: int,
-        hf: bool, out: Path | None, tensor_parallel_size: int = 1) -> dict:
+        hf: bool, out: Path | None, tensor_parallel_size: int = 1, checkpoint: Path | None = None) -> dict:
+    """One engine's figures. `checkpoint`: load this folder from disk (start-up then includes reading it); without
+    it, random weights are made in place (load_format="dummy")."""
     from hylo import LLM, LoRARequest
 
     device = torch.device("cuda")
     result = {"shape": shape, "tensor_parallel_size": tensor_parallel_size, "gpu": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"), "method":
-              f"{prompt_len}-token prompts, {new_tokens} new tokens, greedy, ignore EOS; ms/step = whole generate() / {new_tokens}"}
+              f"{prompt_len}-token prompts, {new_tokens} new tokens, greedy, ignore EOS; ms/step = whole generate() / {new_tokens}",
+              "weights": "read from safetensors on disk" if checkpoint else "random, made in place"}
     result.update(ceilings(device))
     torch.cuda.empty_cache()  # the ceilings' buffers are gone; give their memory to the engine
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_config(shape, Path(tmp) / "model")
+        folder = checkpoint or write_config(shape, Path(tmp) / "model")
         start = time.perf_counter()
-        llm = LLM(str(folder), dtype="bfloat16", device="cuda", load_format="dummy", enable_lora=max(adapters) > 0,
+        llm = LLM(str(folder), dtype="bfloat16", device="cuda", load_format="safetensors" if checkpoint else "dummy", enable_lora=max(adapters) > 0,
                   max_loras=max(1, max(adapters)), max_lora_rank=rank, max_num_batched_tokens=max(prefill_tokens, prompt_len * max(batches)),
                   max_model_len=max(prompt_len + new_tokens, 1024) + 8, max_num_seqs=max(batches + [prefill_tokens // 1024]),
                   tensor_parallel_size=tensor_parallel_size)
@@ -170,8 +202,9 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
         engine = llm.llm_engine
         if engine.executor.driver.graphs is not None:  # no local name for it: it must not outlive the engine below
             result.update(graph_capture_s=engine.executor.driver.graphs.capture_s, graph_memory_bytes=engine.executor.driver.graphs.memory_bytes)
-        total, active = weight_bytes(engine.model, engine.model_config)
+        total, active, experts = weight_bytes(engine.model, engine.model_config)
         result.update(weight_bytes=total, active_weight_bytes=active, roofline_ms=1e3 * active / result["copy_bytes_per_s"])
+        result["roofline_ms_by_batch"] = {b: 1e3 * step_bytes(total, experts, engine.model_config, b) / result["copy_bytes_per_s"] for b in batches}
         loras = []
         for i in range(max(adapters)):
             write_adapter(engine.model, engine.model_config, Path(tmp) / f"a{i}", rank, seed=i)
@@ -192,8 +225,10 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
         base = {r["batch"]: r["ms_per_step"] for r in rows if r["adapters"] == 0}
         for r in rows:
             r["vs_base"] = r["ms_per_step"] / base[r["batch"]] if r["batch"] in base else None
-            r["vs_roofline"] = r["ms_per_step"] / result["roofline_ms"]
+            r["vs_roofline"] = r["ms_per_step"] / result["roofline_ms_by_batch"][r["batch"]]
         result["decode"] = rows
+        if 4 in adapters:
+            result["cold"] = cold_adapter_rows(llm, Path(tmp), batches, loras, rank, prompt_len, new_tokens, rows)
         if loras:
             result["adapter_swap"] = swap_ms(engine, loras[0].lora_int_id)
         n_prompts = max(1, prefill_tokens // 1024)
@@ -212,6 +247,26 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
     if out:
         out.write_text(json.dumps(result, indent=2))
     return result
+
+
+def cold_adapter_rows(llm, tmp: Path, batches: list[int], loras: list, rank: int, prompt_len: int, new_tokens: int, warm: list[dict]) -> list[dict]:
+    """Batches mixing 4 adapters, 3 of them never seen before: their files are read and written into slots inside
+    the timed call, while the requests of the warm one decode. Compared with the same batch with 4 warm adapters."""
+    from hylo import LoRARequest
+
+    engine = llm.llm_engine
+    rows = []
+    for b in (b for b in batches if b >= 4):  # a smaller batch would not use all four adapters
+        cold = []
+        for i in range(3):
+            lora_id = 1000 + 10 * b + i  # ids never used before: nothing of them is in memory
+            write_adapter(engine.model, engine.model_config, tmp / f"cold{lora_id}", rank, seed=lora_id)
+            cold.append(LoRARequest(f"cold{lora_id}", lora_id, str(tmp / f"cold{lora_id}")))
+        ms = decode_ms(llm, b, [loras[0], *cold], prompt_len, new_tokens)
+        base = next(r["ms_per_step"] for r in warm if r["batch"] == b and r["adapters"] == 4)
+        rows.append({"batch": b, "adapters": 4, "cold": 3, "ms_per_step": ms, "vs_warm": ms / base})
+        print(f"  batch {b:4d}, 4 adapters, 3 of them cold: {ms:8.2f} ms/step, {ms / base:.2f}× warm", flush=True)
+    return rows
 
 
 def swap_ms(engine, lora_id: int) -> dict:
@@ -270,7 +325,9 @@ def print_table(r: dict) -> None:
     print(f"\n{r['shape']} on {r['gpu']} × {r['tensor_parallel_size']} ({r['date']}); {r['method']}")
     print(f"copy {r['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {r['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, "
           f"weights {r['weight_bytes'] / 1e9:.1f} GB (read per token {r['active_weight_bytes'] / 1e9:.1f} GB), "
-          f"roofline {r['roofline_ms']:.2f} ms/step, start-up {r['startup_s']:.1f} s")
+          f"roofline {r['roofline_ms']:.2f} ms/step, start-up {r['startup_s']:.1f} s (weights {r['weights']})")
+    if len(set(r["roofline_ms_by_batch"].values())) > 1:
+        print("roofline by batch (the routed experts a step touches): " + ", ".join(f"{b}: {ms:.2f} ms" for b, ms in r["roofline_ms_by_batch"].items()))
     if "graph_memory_bytes" in r:
         print(f"decode CUDA graphs: captured in {r['graph_capture_s']:.1f} s, {r['graph_memory_bytes'] / 2**30:.2f} GiB")
     print("| batch | adapters | ms/step | tok/s | × own base | × roofline |\n|---|---|---|---|---|---|")
@@ -280,6 +337,8 @@ def print_table(r: dict) -> None:
     for batch, step in r["decode_step"].items():
         graph = f", its captured GPU work {step['graph_ms']:.2f} ms, the host's part {step['host_ms']:.2f} ms" if step["graph_ms"] else ""
         print(f"decode step alone, batch {batch}: {step['step_ms']:.2f} ms{graph}")
+    for row in r.get("cold", []):
+        print(f"batch {row['batch']}, 4 adapters of which 3 cold (read from disk inside the timed call): {row['ms_per_step']:.2f} ms/step = {row['vs_warm']:.2f}× warm")
     if "adapter_swap" in r:
         w = r["adapter_swap"]
         print(f"adapter swap ({w['bytes'] / 2**20:.0f} MiB): queued in {w['queue_ms']:.2f} ms, copied in {w['copy_done_ms']:.2f} ms")

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from hylo.lora.peft_config import AdapterError
 
 
 ENGINE_FLAGS_SKIPPED = ("seed",)  # `hylo generate --seed` is the sampling seed
+# `hylo generate`'s sampling flags that the model's generation config (--generation-config) may give defaults for, and
+# the defaults when neither gives one (greedy, 32 tokens; the others are SamplingParams').
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+GENERATE_DEFAULTS = {"temperature": 0.0, "max_tokens": 32}
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -40,10 +45,9 @@ def _generate(args: argparse.Namespace) -> int:
     options = vars(engine_config_from(args, ENGINE_FLAGS_SKIPPED, model=model, enable_lora=args.enable_lora or bool(requests),
                                       max_loras=max(args.max_loras, len(requests))))
     llm = LLM(**options)
-    params = SamplingParams(
-        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
-        max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, repetition_penalty=args.repetition_penalty,
-    )
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    params = SamplingParams(**{**GENERATE_DEFAULTS, **llm.llm_engine.default_sampling, **given},
+                            n=args.n, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     jobs = [(name, prompt) for prompt in prompts for name in use]
     start = time.perf_counter()
     outputs = llm.generate([p for _, p in jobs], params, lora_request=[requests.get(name) for name, _ in jobs])
@@ -76,17 +80,19 @@ def _check_adapter(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from hylo.bench import print_scaling, print_table, run
+    from hylo.bench import print_scaling, print_table, run, write_checkpoint
 
     if not torch.cuda.is_available():
         print("error: hylo bench measures a CUDA device, and none is visible", file=sys.stderr)
         return 2
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     runs = []
-    for tp in ints(args.tensor_parallel_size):  # in one process, one after another: ratios from the same run
-        runs.append(run(args.shape, ints(args.batch), ints(args.adapters), args.rank, args.prompt_len, args.new_tokens,
-                        args.prefill_tokens, args.hf and not runs, None, tp))
-        print_table(runs[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = write_checkpoint(args.shape, Path(tmp) / "model") if args.from_disk else None
+        for tp in ints(args.tensor_parallel_size):  # in one process, one after another: ratios from the same run
+            runs.append(run(args.shape, ints(args.batch), ints(args.adapters), args.rank, args.prompt_len, args.new_tokens,
+                            args.prefill_tokens, args.hf and not runs, None, tp, checkpoint))
+            print_table(runs[-1])
     if len(runs) > 1:
         print_scaling(runs)
     if args.json:
@@ -100,12 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for prompts (no --model: the embedded demo)")
     gen.add_argument("--model", help="checkpoint folder (default: the embedded demo model)")
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for several")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    model_default = "default: the model's generation config (--generation-config), else %s"
+    gen.add_argument("--max-tokens", type=int, help=model_default % 32)
+    gen.add_argument("--temperature", type=float, help=model_default % "0 (greedy)")
+    gen.add_argument("--top-p", type=float, help=model_default % 1)
+    gen.add_argument("--top-k", type=int, help=model_default % "0 (all)")
+    gen.add_argument("--min-p", type=float, help=model_default % 0)
+    gen.add_argument("--repetition-penalty", type=float, help=model_default % 1)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--stop", action="append")
@@ -130,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--prefill-tokens", type=int, default=8192)
     bench.add_argument("--hf", action="store_true", help="also time HF transformers + PEFT at batch 1")
+    bench.add_argument("--from-disk", action="store_true", help="write a random checkpoint to safetensors first and load it from there "
+                       "(start-up then includes reading the weights)")
     bench.add_argument("--json", help="write the figures here")
     bench.add_argument("--tensor-parallel-size", default="1",
                        help="comma-separated sizes, run one after another in one process (e.g. 1,2: TP=2 against its TP=1 baseline); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 
 from tqdm import tqdm
 
@@ -13,7 +14,7 @@ from hylo.engine.engine import LLMEngine
 from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 from hylo.outputs import RequestOutput
-from hylo.parsers import check_parser_names, output_parser
+from hylo.parsers import check_parser_names, output_parser, prompt_opens_thinking
 from hylo.sampling import InvalidParam, SamplingParams
 
 Prompt = str | dict
@@ -45,6 +46,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use when given no SamplingParams: hylo's defaults, overridden by the
+        checkpoint's generation_config.json (`generation_config` "auto", or a folder; "vllm" ignores it), as vLLM's."""
+        return SamplingParams(**self.llm_engine.default_sampling)
+
     def shutdown(self) -> None:
         """Free the model, its caches and any tensor-parallel workers now (dropping the last reference does
         it too); the LLM cannot be used afterwards."""
@@ -74,7 +80,7 @@ class LLM:
             prompts = list(prompts)
         else:
             raise InvalidParam("prompt", f"prompts must be a string, a dict or a list of them, not {type(prompts).__name__}")
-        params = _per_prompt("sampling_params", sampling_params, SamplingParams, len(prompts), SamplingParams())
+        params = _per_prompt("sampling_params", sampling_params, SamplingParams, len(prompts), self.get_default_sampling_params())
         loras = _per_prompt("lora_request", lora_request, LoRARequest, len(prompts), None)
         by_id: dict[int, LoRARequest] = {}
         for lora in loras:
@@ -84,6 +90,9 @@ class LLM:
         engine = self.llm_engine
         for lora in by_id.values():
             engine.add_lora(lora)  # read up front: a refused adapter raises here, before anything runs
+        for compiling in [engine.compile_grammar(p) for p in params]:  # all at once, on worker threads
+            if compiling is not None:
+                compiling.result()  # a constraint that cannot be compiled raises InvalidParam here, before anything runs
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:
@@ -129,16 +138,22 @@ class LLM:
         chat_template_kwargs: dict | None = None,
         lora_request: LoRARequest | None = None,
         tools: list[dict] | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
-        """Apply the checkpoint's chat template to one conversation (or a list of them) and generate.
+        """Apply the checkpoint's chat template (or `chat_template`, a Jinja template given here, as vLLM's) to one
+        conversation (or a list of them) and generate.
 
         `tools` (OpenAI's tool definitions) reach the template, as do assistant `tool_calls` (their JSON
         `arguments` read as mappings, as Qwen3.5's template wants them) and `tool` messages. With
         `reasoning_parser` each CompletionOutput gets `reasoning_content` and `content`; with `tool_call_parser`
         and tools, `tool_calls` too (the server's message, field for field)."""
         tokenizer = self.llm_engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model folder has no chat template; use generate() with a plain prompt")
+        if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
+            raise InvalidParam("chat_template", f"chat_template must be a Jinja template (a non-empty string), not {type(chat_template).__name__}")
+        if tokenizer is None:
+            raise ValueError("this model folder has no tokenizer; use generate() with prompt token ids")
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model folder has no chat template; pass chat_template=..., or use generate() with a plain prompt")
         if not isinstance(messages, list) or not messages:
             raise InvalidParam("messages", f"messages must be a non-empty list of message dicts (or a list of such lists), not {type(messages).__name__}")
         conversations = [messages] if isinstance(messages[0], dict) else messages
@@ -149,6 +164,8 @@ class LLM:
         kwargs = dict(chat_template_kwargs or {})
         if tools:
             kwargs["tools"] = tools
+        if chat_template is not None:
+            kwargs["chat_template"] = chat_template
         try:
             prompts = [
                 tokenizer.apply_chat_template([_template_message(m) for m in c], tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
@@ -156,6 +173,10 @@ class LLM:
             ]
         except Exception as e:  # a template raises on roles or content it does not expect
             raise InvalidParam("messages", f"the chat template rejected these messages: {e}") from None
+        if self.reasoning_parser is not None and isinstance(sampling_params, SamplingParams) and sampling_params.structured_outputs is not None:
+            # As the server: with a reasoning parser, the constraint holds from the end of the thinking on.
+            sampling_params = [replace(sampling_params, structured_outputs=replace(
+                sampling_params.structured_outputs, after_thinking=prompt_opens_thinking(p, kwargs.get("enable_thinking")))) for p in prompts]
         outs = self.generate(prompts, sampling_params, use_tqdm, lora_request)
         if self.reasoning_parser is not None or (self.tool_call_parser is not None and tools):
             for prompt, out in zip(prompts, outs):

@@ -41,3 +41,6 @@ class RequestOutput:
     # Set when this request failed on its own (its sequences end with finish_reason "error"); the
     # rest of the batch is unaffected.
     error: str | None = None
+    # With SamplingParams.prompt_logprobs (vLLM's shape): None for the first prompt token, then per prompt token a
+    # dict token → Logprob holding it and the top prompt_logprobs tokens.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

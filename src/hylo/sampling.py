@@ -7,18 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hylo.errors import InvalidParam
+from hylo.structured.params import StructuredOutputsParams
+
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily
 MAX_TOP_K = 2**31 - 1  # any top_k >= the vocabulary keeps every token
+MAX_BAD_WORDS = 256  # each is matched against the output's end before every token
 MAX_STOPS = 256  # every stop string is searched for after every token: bound the work one request can ask for
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, child, step) over the generator's seed space
-
-
-class InvalidParam(ValueError):
-    """A request value out of its allowed range; `param` names the field (the server's 400 carries it)."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass
@@ -38,7 +34,12 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # per prompt token: its logprob and the top ones (RequestOutput.prompt_logprobs)
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id → added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # never completed: each word's last token is masked when the output ends with the rest
+    structured_outputs: StructuredOutputsParams | None = None  # what the output must match (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,17 +67,33 @@ class SamplingParams:
             ("max_tokens", lambda: self.max_tokens is None or (_whole(self.max_tokens) and self.max_tokens >= 1), "must be an integer >= 1"),
             ("min_tokens", lambda: _whole(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens), "must be an integer >= 0 and <= max_tokens"),
             ("logprobs", lambda: self.logprobs is None or (_whole(self.logprobs) and self.logprobs >= 0), "must be None or an integer >= 0"),
+            ("prompt_logprobs", lambda: self.prompt_logprobs is None or (_whole(self.prompt_logprobs) and self.prompt_logprobs >= 0), "must be None or an integer >= 0"),
             ("stop", lambda: len(self.stop) <= MAX_STOPS and all(isinstance(s, str) and s for s in self.stop), f"must be at most {MAX_STOPS} non-empty strings"),
             ("stop_token_ids", lambda: all(_whole(t) and t >= 0 for t in self.stop_token_ids), "must be token ids (integers >= 0)"),
             ("seed", lambda: self.seed is None or _whole(self.seed), "must be an integer or None"),
             ("ignore_eos", lambda: isinstance(self.ignore_eos, bool), "must be True or False"),
             ("skip_special_tokens", lambda: isinstance(self.skip_special_tokens, bool), "must be True or False"),
+            ("logit_bias", lambda: self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+                _whole(t) and t >= 0 and _real(b) and -100 <= b <= 100 for t, b in self.logit_bias.items())),
+             "must be a dict of token id (an integer >= 0) → bias (a number in [-100, 100])"),
+            ("allowed_token_ids", lambda: self.allowed_token_ids is None or (isinstance(self.allowed_token_ids, (list, tuple)) and self.allowed_token_ids
+                                                                              and all(_whole(t) and t >= 0 for t in self.allowed_token_ids)),
+             "must be None or a non-empty list of token ids (integers >= 0)"),
+            ("bad_words", lambda: self.bad_words is None or (isinstance(self.bad_words, (list, tuple)) and len(self.bad_words) <= MAX_BAD_WORDS
+                                                              and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
+             f"must be None or a list of at most {MAX_BAD_WORDS} strings, none of them empty or only whitespace"),
+            ("structured_outputs", lambda: self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "must be None or a StructuredOutputsParams(json=..., regex=..., choice=..., grammar=..., json_object=True)"),
         ]
         for name, ok, why in checks:  # in order, each check only once the ones before it passed
             if not ok():
                 raise InvalidParam(name, f"SamplingParams.{name}={_shown(getattr(self, name))} {why}")
         # Each generated token is looked up in them: a request repeating ids must not make every step slower.
         self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(dict.fromkeys(self.allowed_token_ids))
+        if self.structured_outputs is not None:
+            self.structured_outputs.spec()  # its own checks, naming structured_outputs.<field>
 
     @property
     def greedy(self) -> bool:
@@ -109,6 +126,8 @@ class SampleInput:
     output_ids: list[int]
     child: int  # index among the request's n sequences
     banned: list[int] = field(default_factory=list)  # stop tokens masked until min_tokens are out
+    bad_words: list[list[int]] = field(default_factory=list)  # params.bad_words as token ids (each spelling)
+    token_bitmask: torch.Tensor | None = None  # [1, ceil(vocab / 32)] int32: the tokens its grammar allows now (xgrammar's layout)
 
 
 @dataclass
@@ -123,10 +142,9 @@ class Sampled:
 def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> Sampled:
     """logits: [seqs, vocab] float32 → one token per row. Logprobs are those of the raw model output, as vLLM reports."""
     raw_logprobs = logits.log_softmax(dim=-1) if any(i.params.logprobs is not None for i in inputs) else None
-    logits = _apply_penalties(logits.clone(), inputs)
-    for row, inp in enumerate(inputs):
-        if inp.banned:
-            logits[row, inp.banned] = float("-inf")
+    logits = logits.clone()
+    _restrict(logits, inputs)  # before the penalties, as vLLM orders them
+    logits = _apply_penalties(logits, inputs)
     tokens = logits.argmax(dim=-1)
     stochastic = [r for r, i in enumerate(inputs) if not i.params.greedy]
     if stochastic:
@@ -142,6 +160,51 @@ def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> Sampled:
     k = min(max(i.params.logprobs or 0 for i in inputs), logits.shape[1])
     top = raw_logprobs.topk(k, dim=-1) if k else None
     return Sampled(token_list, chosen, top.indices if top else None, top.values if top else None, ranks)
+
+
+class NoTokenAllowed(ValueError):
+    """Every token of a row is masked: its grammar, allowed_token_ids, bad_words and min_tokens leave none."""
+
+
+def _restrict(logits: torch.Tensor, inputs: list[SampleInput]) -> None:
+    """Per row, in place: the grammar's mask, allowed_token_ids, bad_words, the stop tokens min_tokens holds back
+    (all to -inf), then logit_bias. NoTokenAllowed if a row has no token left."""
+    if any(i.token_bitmask is not None for i in inputs):
+        import xgrammar as xgr
+
+        words = next(i.token_bitmask for i in inputs if i.token_bitmask is not None).shape[-1]
+        bitmask = torch.full((len(inputs), words), -1, dtype=torch.int32)  # -1: every bit set, every token allowed
+        for row, inp in enumerate(inputs):
+            if inp.token_bitmask is not None:
+                bitmask[row] = inp.token_bitmask[0]
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[1])
+    restricted = False
+    for row, inp in enumerate(inputs):
+        p = inp.params
+        if p.allowed_token_ids is not None:
+            keep = torch.full((logits.shape[1],), float("-inf"), device=logits.device)
+            keep[p.allowed_token_ids] = 0.0
+            logits[row] += keep
+        banned = list(inp.banned)
+        for word in inp.bad_words:  # vLLM's rule: the word's last token, where the output ends with the tokens before it
+            before = len(word) - 1
+            if before <= len(inp.output_ids) and inp.output_ids[len(inp.output_ids) - before :] == word[:-1]:
+                banned.append(word[-1])
+        if banned:
+            logits[row, banned] = float("-inf")
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        restricted = restricted or bool(banned) or p.allowed_token_ids is not None or inp.token_bitmask is not None
+    if restricted:
+        alive = (logits > float("-inf")).any(dim=-1).tolist()
+        if not all(alive):
+            inp = inputs[alive.index(False)]
+            limits = [name for name, on in (("its grammar (structured_outputs or tool_choice)", inp.token_bitmask is not None),
+                                            ("allowed_token_ids", inp.params.allowed_token_ids is not None),
+                                            ("bad_words", bool(inp.bad_words)), ("min_tokens (holding back the stop tokens)", bool(inp.banned))) if on]
+            raise NoTokenAllowed(f"no token may come next after {len(inp.output_ids)} generated tokens: {' and '.join(limits)} "
+                                 f"leave none (a grammar at a dead end, or constraints that contradict each other)")
 
 
 def _apply_penalties(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:

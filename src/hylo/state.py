@@ -14,6 +14,26 @@ class CacheTensors:
     kv: list[torch.Tensor]  # per attention layer: [2, num_blocks, block_size, kv_heads, head_dim]
     conv: list[torch.Tensor]  # per GDN layer: [slots, channels, kernel - 1]
     recurrent: list[torch.Tensor]  # per GDN layer: [slots, value_heads, k_dim, v_dim] float32
+    # Prefix caching's GDN snapshots, per GDN layer, shaped like conv / recurrent with one row per snapshot entry
+    # (none without prefix caching).
+    conv_snapshots: list[torch.Tensor]
+    recurrent_snapshots: list[torch.Tensor]
+
+    def restore_snapshots(self, pairs: list[tuple[int, int]]) -> None:
+        """(snapshot entry, state slot): each slot resumes from its entry, in every GDN layer (this rank's shard)."""
+        entries, slots = self._indices(pairs)
+        for live, saved in zip(self.conv + self.recurrent, self.conv_snapshots + self.recurrent_snapshots):
+            live[slots] = saved[entries]
+
+    def save_snapshots(self, pairs: list[tuple[int, int]]) -> None:
+        """(state slot, snapshot entry): each slot's state, as it is now, into its entry."""
+        slots, entries = self._indices(pairs)
+        for live, saved in zip(self.conv + self.recurrent, self.conv_snapshots + self.recurrent_snapshots):
+            saved[entries] = live[slots]
+
+    def _indices(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.recurrent[0].device
+        return tuple(torch.tensor(column, dtype=torch.long, device=device) for column in zip(*pairs))
 
 
 @dataclass(frozen=True)

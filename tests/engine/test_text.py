@@ -1,8 +1,10 @@
 """Text in and out: tokenizer, incremental detokenization, stop strings, chat template."""
 
+import pytest
 
 from hylo import SamplingParams
 from hylo.engine.detokenizer import IncrementalDetokenizer
+from hylo.sampling import InvalidParam
 from tests.conftest import build_tokenizer
 
 TEXT = "héllo wörld ✓ 日本語, the lazy données"
@@ -46,6 +48,15 @@ def test_chat_uses_the_checkpoint_template(engines):
     plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
     assert chat.prompt == prompt
     assert chat.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+def test_chat_takes_a_template_given_with_the_call(engines):
+    llm = engines("dense")
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[bot] {% endif %}"
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), chat_template=template)[0]
+    assert chat.prompt == "[user] hi\n[bot] "
+    with pytest.raises(InvalidParam, match="chat_template"):
+        llm.chat([{"role": "user", "content": "hi"}], chat_template=["not", "a", "template"])
 
 
 def test_length_finish_reason(engines):

@@ -3,8 +3,10 @@
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -20,17 +22,23 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, ca: str | None = None):
+        """`ca`: the certificate that a server started with --ssl-certfile is verified by (it is then reached over https)."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
+        self.verify = ssl.create_default_context(cafile=ca) if ca else True
         cmd = [sys.executable, "-m", "hylo.cli", "serve", *args, "--device", "cpu", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # stderr (the server's log: a line per request) goes to a file, which no test must drain to keep the server
+        # from blocking on a full pipe; `proc.stderr` reads that file, as it would read the pipe.
+        with tempfile.NamedTemporaryFile(prefix="hylo-serve-", suffix=".log") as log:  # unlinked at once; the open files keep it
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            self.proc.stderr = open(log.name, "rb")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.3)
@@ -40,7 +48,8 @@ class Server:
     def client(self, key: str | None = KEY):
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60,
+                             http_client=httpx.Client(verify=self.verify, timeout=60))
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=10).text

@@ -225,9 +225,11 @@ def test_the_history_a_client_sends_back_is_taken(agent):
 @pytest.mark.parametrize(
     "request_fields, param, words",
     [
-        ({"tools": WEATHER_TOOLS, "tool_choice": "required"}, "tool_choice", ("constrained decoding",)),
-        ({"tools": WEATHER_TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice", ("constrained decoding", "get_weather")),
-        ({"tools": [{"type": "function", "function": {**WEATHER_TOOLS[0]["function"], "strict": True}}]}, "tools[0].function.strict", ("constrained decoding",)),
+        ({"tool_choice": "required"}, "tool_choice", ("needs tools",)),
+        ({"tools": WEATHER_TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice.function.name", ("get_time", "not among the tools")),
+        ({"tools": WEATHER_TOOLS, "tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice", ("\"required\" or {\"type\": \"function\", \"function\": {\"name\": NAME}}",)),
+        ({"tools": WEATHER_TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice", ("give one of them",)),
+        ({"tools": [{"type": "function", "function": {**WEATHER_TOOLS[0]["function"], "strict": "yes"}}]}, "tools[0].function.strict", ("true or false",)),
         ({"tools": WEATHER_TOOLS * 2}, "tools[1].function.name", ("two tools",)),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name", ("function name",)),
         ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id", ("tool_call_id",)),

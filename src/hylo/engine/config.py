@@ -38,8 +38,12 @@ class EngineConfig:
     max_cpu_loras: int | None = _option(None, "adapters kept in host memory (default: max_loras)")
     load_format: str = _option("safetensors", "safetensors, or dummy (random weights, for benchmarks)")
     enforce_eager: bool = _option(False, "CUDA: run decode steps op by op instead of replaying captured graphs")
+    enable_prefix_caching: bool = _option(False, "reuse the KV blocks and GDN state of prompt prefixes already computed with the same "
+                                                 "adapter (off by default until measured to cost nothing when nothing is shared)")
     max_n: int = _option(128, "sequences one request may ask for (n), as OpenAI's limit")
-    max_logprobs: int = _option(20, "top logprobs one request may ask for per token, as vLLM's default")
+    max_logprobs: int = _option(20, "top logprobs one request may ask for per token (logprobs and prompt_logprobs), as vLLM's default")
+    generation_config: str = _option("auto", "sampling defaults for what a request leaves unset: auto (the model folder's "
+                                             "generation_config.json), vllm (hylo's own) or a FOLDER holding a generation_config.json")
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:

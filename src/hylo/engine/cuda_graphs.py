@@ -92,6 +92,9 @@ class DecodeGraphs:
             len(step.query_lens) <= self.sizes[-1]
             and all(q == 1 for q in step.query_lens)
             and all(c > 0 for c in step.context_lens)
+            # A graph returns every row's logits: only a step that samples each row, and wants nothing else (a
+            # one-token prefill chunk that does not end its prompt, prompt logprobs), may replay one.
+            and step.logits_indices == list(range(len(step.query_lens)))
             and max(len(t) for t in step.block_tables) <= self.block_tables.shape[1]
         )
 

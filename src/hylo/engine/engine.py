@@ -7,6 +7,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -17,6 +18,9 @@ from hylo.engine.cache import FreeList
 from hylo.engine.config import EngineConfig, resolve_device, resolve_dtype
 from hylo.engine.detokenizer import IncrementalDetokenizer
 from hylo.engine.executor import Executor
+from hylo.engine.generation_config import default_sampling
+from hylo.engine.prompt_logprobs import prompt_positions, record_prompt_logprobs
+from hylo.engine.prefix_cache import PrefixCache
 from hylo.engine.runner import prepare_step
 from hylo.engine.scheduler import Scheduled, Scheduler
 from hylo.engine.sequence import Request, Sequence, Status
@@ -27,7 +31,8 @@ from hylo.lora.request import LoRARequest
 from hylo.lora.slots import LoRASlots
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
 from hylo.outputs import CompletionOutput, Logprob, RequestOutput
-from hylo.sampling import InvalidParam, SampleInput, Sampled, SamplingParams, sample
+from hylo.sampling import InvalidParam, NoTokenAllowed, SampleInput, Sampled, SamplingParams, sample
+from hylo.structured import GrammarCompiler, GrammarError
 
 log = logging.getLogger("hylo")
 READ_POLL_SECONDS = 0.002  # how often a caller waiting for an adapter read looks again
@@ -74,6 +79,8 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or self.model_config.text.max_position_embeddings
         self.tokenizer = load_tokenizer(self.model_config.path)
         self.eos_ids = eos_token_ids(self.model_config.path, self.model_config, self.tokenizer)
+        # SamplingParams field → the value a request that leaves it unset gets (--generation-config).
+        self.default_sampling = default_sampling(config.generation_config, self.model_config.path)
         torch.manual_seed(config.seed)
         self.executor = Executor(config, self.model_config, self.device, self.dtype, self.max_model_len, progress)
         self._finalizer = weakref.finalize(self, self.executor.close)
@@ -81,11 +88,15 @@ class LLMEngine:
         if config.enable_lora:
             self.lora = LoRASlots(self.executor, config.max_loras, config.max_cpu_loras or config.max_loras)
         plan = self.executor.plan
+        prefix = PrefixCache.for_plan(plan, self.executor.driver.shapes, config.block_size, self.dtype) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(
-            FreeList(plan.num_blocks), FreeList(plan.num_slots), config.block_size, config.max_num_seqs,
-            config.max_num_batched_tokens, self.lora,
+            prefix.blocks if prefix else FreeList(plan.num_blocks), FreeList(plan.num_slots), config.block_size, config.max_num_seqs,
+            config.max_num_batched_tokens, self.lora, prefix,
         )
         self.requests: dict[str, Request] = {}
+        # Constraints (structured outputs, tool_choice) compiled off the step loop; a request waits in _compiling for its grammar.
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.text.vocab_size, self.eos_ids) if self.tokenizer else None
+        self._compiling: list[Request] = []
         self._seq_ids = itertools.count()
         self._read_waiters: dict[int, list[Callable[[str | None], None]]] = {}  # adapter id → told when its read ends
         self._failed_outside_step: dict[str, Request] = {}  # reported by the next step
@@ -102,6 +113,8 @@ class LLMEngine:
             for request_id in list(self.requests):
                 self.abort_request(request_id)
         self._finalizer()
+        if self.grammars is not None:
+            self.grammars.close()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -159,7 +172,9 @@ class LLMEngine:
             self.start_lora(lora_request, lambda why: None)  # a refusal fails the request in poll_adapters
         eos = [] if params.ignore_eos else self.eos_ids
         stop_ids = frozenset(params.stop_token_ids)
-        request = Request(request_id, text, ids, params, eos, stop_ids=stop_ids, banned=list(dict.fromkeys(eos + params.stop_token_ids)))
+        grammar = self.compile_grammar(params)
+        request = Request(request_id, text, ids, params, eos, stop_ids=stop_ids, banned=list(dict.fromkeys(eos + params.stop_token_ids)),
+                          prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         for child in range(params.n):
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
             seq = Sequence(next(self._seq_ids), request, child, detok, logprobs=[] if params.logprobs is not None else None)
@@ -167,8 +182,14 @@ class LLMEngine:
                 seq.lora_id = lora_request.lora_int_id
                 self.lora.reference(seq.lora_id, +1)
             request.sequences.append(seq)
-            self.scheduler.add(seq)
+            if grammar is None:
+                self.scheduler.add(seq)
+        request.bad_words_ids = self._bad_words_ids(params.bad_words or [])
         self.requests[request_id] = request
+        if grammar is not None:  # its sequences are scheduled once the grammar is compiled (at once when cached)
+            request.grammar = grammar
+            self._compiling.append(request)
+            self._admit_compiled()
 
     def _check_params(self, params: SamplingParams) -> None:
         """The limits that depend on the engine (SamplingParams checks the rest when it is made)."""
@@ -180,11 +201,77 @@ class LLMEngine:
             raise InvalidParam("n", f"n={params.n} is above this engine's max_n={config.max_n}; ask for fewer sequences")
         if params.logprobs is not None and params.logprobs > config.max_logprobs:
             raise InvalidParam("logprobs", f"logprobs={params.logprobs} is above this engine's max_logprobs={config.max_logprobs}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > config.max_logprobs:
+            raise InvalidParam("prompt_logprobs", f"prompt_logprobs={params.prompt_logprobs} is above this engine's max_logprobs={config.max_logprobs}")
         outside = [t for t in params.stop_token_ids if t >= vocab]
         if outside:
             raise InvalidParam("stop_token_ids", f"stop_token_ids must be in [0, {vocab}); got {outside[:5]}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            outside = [t for t in getattr(params, name) or () if t >= vocab]
+            if outside:
+                raise InvalidParam(name, f"{name} must hold token ids in [0, {vocab}); got {outside[:5]}")
+        for name in ("bad_words", "structured_outputs"):
+            if getattr(params, name) is not None and self.tokenizer is None:
+                raise InvalidParam(name, f"{name} needs a tokenizer, and this model folder has none")
         if params.stop and self.tokenizer is None:
             raise InvalidParam("stop", "stop strings need a tokenizer, and this model folder has none; use stop_token_ids")
+
+    def compile_grammar(self, params: SamplingParams) -> Future | None:
+        """Start compiling the request's constraint on a worker thread (None when it has none): a Future of the
+        compiled grammar, or of InvalidParam naming the structured_outputs field when it cannot be compiled.
+        The server and LLM.generate wait for it before adding the request, so that a bad schema is refused at once."""
+        if params.structured_outputs is None:
+            return None
+        if self.grammars is None:
+            raise InvalidParam("structured_outputs", "structured outputs need a tokenizer, and this model folder has none")
+        compiled: Future = Future()
+
+        def done(f: Future) -> None:
+            # Its waiter may have cancelled it (a client that disconnected mid-compile): nobody wants the grammar.
+            if not compiled.set_running_or_notify_cancel():
+                return
+            if f.cancelled():  # the compile had not started when shutdown cancelled it
+                compiled.set_exception(RuntimeError("the engine shut down before this constraint was compiled"))
+                return
+            e = f.exception()
+            if isinstance(e, GrammarError):
+                compiled.set_exception(InvalidParam(f"structured_outputs.{e.kind}", f"structured_outputs.{e.kind}: {e.why}"))
+            elif e is not None:
+                compiled.set_exception(e)
+            else:
+                compiled.set_result(f.result())
+
+        self.grammars.compile(params.structured_outputs.spec()).add_done_callback(done)
+        return compiled
+
+    def _admit_compiled(self) -> None:
+        """Schedule the requests whose grammar is compiled now, each sequence with a matcher of its own; fail those
+        whose grammar could not be compiled."""
+        still = []
+        for request in self._compiling:
+            if request.finished:  # aborted while compiling
+                continue
+            if not request.grammar.done():
+                still.append(request)
+            elif request.grammar.exception() is not None:
+                self._failed_outside_step[request.request_id] = self._fail(request, str(request.grammar.exception()))
+            else:
+                for seq in request.sequences:
+                    seq.grammar = self.grammars.matcher(request.grammar.result())
+                    self.scheduler.add(seq)
+        self._compiling = still
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as token ids, as vLLM spells them: as written (leading spaces dropped), and with one
+        leading space where that is a different first token of the same length (a word inside the text)."""
+        out: list[list[int]] = []
+        for word in words:
+            alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            out += [alone] if alone else []  # a tokenizer may drop what it cannot spell
+            if spaced and (not alone or spaced[0] != alone[0] and len(spaced) == len(alone)):
+                out.append(spaced)
+        return out
 
     def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -225,15 +312,21 @@ class LLMEngine:
         An exception raised here means the engine itself cannot go on (e.g. a worker died).
         """
         self.poll_adapters()
+        self._admit_compiled()
         touched, self._failed_outside_step = self._failed_outside_step, {}
         step = self.scheduler.schedule()
         if self.lora is not None:
             self.lora.load_pending()
         if step:
-            logits = self.executor.call("execute", prepare_step(step, self.config.block_size))[0]
+            wanted = [prompt_positions(item) for item in step]
+            logits = self.executor.call("execute", prepare_step(step, self.config.block_size, wanted))[0]
             sampling = [item for item in step if item.samples]
+            if len(logits) > len(sampling):  # the rows after the sampled ones: prompt logprobs
+                record_prompt_logprobs(step, wanted, logits[len(sampling):], self.decode_token)
+                logits = logits[: len(sampling)]
             for item in step:
                 item.seq.num_computed += item.num_tokens
+            self.scheduler.computed(step)
             for item, result in zip(sampling, self._sample(logits, sampling)):
                 request = item.seq.request
                 touched[request.request_id] = request
@@ -263,8 +356,11 @@ class LLMEngine:
             sampled = sample(logits[rows] if len(rows) < len(items) else logits, [inputs[r] for r in rows])
             for j, r in enumerate(rows):
                 results[r] = (sampled, j)
-        except Exception:
-            log.exception("sampling the batch failed; sampling each request alone")
+        except Exception as e:
+            if isinstance(e, NoTokenAllowed):  # a request's own constraints contradict each other: not a fault of the sampler
+                log.info("a request has no token left to sample; sampling each request alone")
+            else:
+                log.exception("sampling the batch failed; sampling each request alone")
             for r in rows:
                 try:
                     results[r] = (sample(logits[r : r + 1], [inputs[r]]), 0)
@@ -282,18 +378,26 @@ class LLMEngine:
     def _sample_input(self, item: Scheduled) -> SampleInput:
         seq = item.seq
         banned = seq.request.banned if len(seq.output_ids) < seq.params.min_tokens else []
-        return SampleInput(seq.params, seq.request.prompt_ids, seq.output_ids, seq.child, banned)
+        bitmask = None
+        if seq.grammar is not None:
+            import xgrammar as xgr
+
+            bitmask = xgr.allocate_token_bitmask(1, self.model_config.text.vocab_size)
+            seq.grammar.fill_next_token_bitmask(bitmask)
+        return SampleInput(seq.params, seq.request.prompt_ids, seq.output_ids, seq.child, banned, seq.request.bad_words_ids, bitmask)
 
     def _append(self, seq: Sequence, sampled: Sampled, row: int) -> None:
         token = sampled.token_ids[row]
         seq.output_ids.append(token)
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            raise RuntimeError(f"its grammar does not allow token {token} here")  # the sampler's mask should have ruled it out
         params = seq.params
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprobs(row, sampled, params.logprobs))
             seq.cumulative_logprob += float(sampled.logprobs[row])
         if token in seq.request.stop_ids:
             return self._finish(seq, "stop", token)
-        if token in seq.request.eos_ids:
+        if token in seq.request.eos_ids or (seq.grammar is not None and seq.grammar.is_terminated()):  # a grammar ends on a stop token
             return self._finish(seq, "stop", None)
         if seq.detokenizer is not None:
             before = len(seq.text)
@@ -323,9 +427,12 @@ class LLMEngine:
         if seq.lora_id is not None:
             self.lora.reference(seq.lora_id, -1)
 
+    def decode_token(self, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if self.tokenizer else None
+
     def _logprobs(self, row: int, sampled: Sampled, k: int) -> dict[int, Logprob]:
         token = sampled.token_ids[row]
-        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer else (lambda t: None)
+        decode = self.decode_token
         out = {token: Logprob(float(sampled.logprobs[row]), int(sampled.ranks[row]), decode(token))}
         for rank in range(k):
             t = int(sampled.top_ids[row, rank])
@@ -348,4 +455,5 @@ class LLMEngine:
             )
             for s in request.sequences
         ]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished, request.error)
+        prompt_logprobs = list(request.prompt_logprobs) if request.prompt_logprobs is not None else None
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished, request.error, prompt_logprobs)

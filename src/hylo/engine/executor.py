@@ -27,7 +27,7 @@ from hylo.config import ModelConfig
 from hylo.distributed import TPGroup, disable_one_shot_all_reduce
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
-from hylo.engine.step_channel import PIPE, STEP, StepChannel
+from hylo.engine.step_channel import PIPE, SHARED_POLL_SECONDS, STEP, StepChannel
 from hylo.engine.worker import ModelWorker
 
 log = logging.getLogger("hylo")
@@ -67,7 +67,7 @@ def _worker_main(conn, channel_name: str, config: EngineConfig, model_config: Mo
         worker = ModelWorker(config, model_config, TPGroup(rank, size), device, dtype, progress=False)
         conn.send(("ok", None))
         while True:
-            kind, packed = channel.wait(alive=lambda: os.getppid() == driver_pid)
+            kind, packed = channel.wait(alive=lambda: os.getppid() == driver_pid, share_gil=worker.reading)
             if kind == 0:
                 break  # the driver is gone
             method, args = ("execute", (StepInput.unpack(packed),)) if kind == STEP else conn.recv()
@@ -141,7 +141,7 @@ class Executor:
                 raise errors[0]
             budget = min(self.call("cache_budget"))
             self.plan = CachePlan.fit(
-                self.driver.shapes, budget, config.block_size, max_model_len, config.max_num_seqs, dtype
+                self.driver.shapes, budget, config.block_size, max_model_len, config.max_num_seqs, dtype, config.enable_prefix_caching
             )
             self.call("allocate", self.plan, max_model_len)
         except BaseException:
@@ -210,9 +210,12 @@ class Executor:
         """Wait until every worker has run the step just posted (its launches queued); a worker's error follows
         on its pipe."""
         seq, errors = self.channel.seq, []
+        pause = SHARED_POLL_SECONDS if self.driver.reading else 0.0  # as the workers' polls: see StepChannel.wait
         for worker, (conn, proc) in enumerate(zip(self.conns, self.procs)):
             polls = 0
             while (ack := self.channel.acknowledged(worker)) not in (seq, -seq):
+                if pause:
+                    time.sleep(pause)
                 polls += 1
                 if polls % 1024 == 0 and not proc.is_alive():
                     self._died(worker + 1, proc, "a step")

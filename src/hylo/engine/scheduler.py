@@ -3,6 +3,8 @@
 Running sequences come first (oldest first), then waiting ones while the token budget, the
 sequence limit, state slots and KV blocks allow. When KV blocks run out, the newest running
 sequence is preempted: it gives back its blocks and slot and is recomputed from its tokens later.
+With prefix caching, a sequence is admitted at the longest prefix the cache holds for it (`PrefixCache`),
+and cached blocks nobody uses are given up before any sequence is preempted (`CachedBlocks` counts them free).
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from hylo.engine.block_hash import adapter_seed
 from hylo.engine.cache import FreeList
+from hylo.engine.cached_pools import CachedBlocks
+from hylo.engine.prefix_cache import PrefixCache
 from hylo.engine.sequence import Sequence, Status
 from hylo.lora.slots import LoRASlots
 
@@ -19,6 +24,8 @@ from hylo.lora.slots import LoRASlots
 class Scheduled:
     seq: Sequence
     num_tokens: int  # tokens computed this step, starting at seq.num_computed
+    restore: int | None = None  # snapshot entry copied into the sequence's state slot before the step
+    save: int | None = None  # snapshot entry its state slot is copied into after the step
 
     @property
     def samples(self) -> bool:
@@ -28,10 +35,11 @@ class Scheduled:
 
 class Scheduler:
     def __init__(
-        self, blocks: FreeList, slots: FreeList, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-        lora: LoRASlots | None = None,
+        self, blocks: FreeList | CachedBlocks, slots: FreeList, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+        lora: LoRASlots | None = None, prefix: PrefixCache | None = None,
     ):
-        self.blocks = blocks
+        self.blocks = blocks  # prefix.blocks with prefix caching
+        self.prefix = prefix
         self.slots = slots
         self.lora = lora
         self.block_size = block_size
@@ -54,7 +62,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, min(seq.num_tokens - seq.num_computed, budget))
             while not self._reserve(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -62,7 +70,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                out.append(Scheduled(seq, n))
+                out.append(Scheduled(seq, n, save=self._plan_snapshot(seq, n)))
                 budget -= n
                 i += 1
         admitted = []
@@ -71,20 +79,32 @@ class Scheduler:
                 break
             if seq.lora_id is not None and not self.lora.can_run(seq.lora_id):
                 continue  # every adapter slot is busy with others; later requests for loaded adapters may still run
-            n = min(seq.num_tokens, budget)
+            if self._waits_for_prefix(seq):
+                continue  # a running sequence is computing the next block of its prompt: it will find it cached
+            restore = self._admit_cached(seq)
+            n = self._chunk(seq, min(seq.num_tokens - seq.num_computed, budget))
             if not self._reserve(seq, n):
+                self._release(seq)  # the cached blocks it was to share
+                seq.num_computed = 0
                 break
+            if self.prefix is not None:
+                self.prefix.count(seq)
             admitted.append(seq)
             seq.state_slot = self.slots.take(1)[0]
             if seq.lora_id is not None:
                 seq.lora_slot = self.lora.acquire(seq.lora_id)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            out.append(Scheduled(seq, n))
+            out.append(Scheduled(seq, n, restore, self._plan_snapshot(seq, n)))
             budget -= n
         for seq in admitted:
             self.waiting.remove(seq)
         return out
+
+    def computed(self, step: list[Scheduled]) -> None:
+        """The step ran and each sequence's num_computed counts its tokens: what it cached becomes findable."""
+        if self.prefix is not None:
+            self.prefix.computed([item.seq for item in step])
 
     def finish(self, seq: Sequence) -> None:
         """Return a finished or aborted sequence's blocks and slot at once."""
@@ -94,6 +114,29 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release(seq)
         seq.status = Status.FINISHED
+
+    def _waits_for_prefix(self, seq: Sequence) -> bool:
+        return self.prefix is not None and self._uses_hits(seq) and self.prefix.waits(seq, self._seed(seq))
+
+    def _admit_cached(self, seq: Sequence) -> int | None:
+        """With prefix caching: start `seq`'s cache books, sharing the cached prefix it resumes from (unless it wants
+        every prompt position's logits); the snapshot entry to restore, if any."""
+        if self.prefix is None:
+            return None
+        return self.prefix.admit(seq, self._seed(seq), self._uses_hits(seq))
+
+    def _seed(self, seq: Sequence) -> bytes:
+        return adapter_seed(self.lora.identity(seq.lora_id) if seq.lora_id is not None else None)
+
+    @staticmethod
+    def _uses_hits(seq: Sequence) -> bool:
+        return getattr(seq.params, "prompt_logprobs", None) is None  # those need the logits of every prompt position
+
+    def _chunk(self, seq: Sequence, n: int) -> int:
+        return n if self.prefix is None else self.prefix.chunk(seq, n)
+
+    def _plan_snapshot(self, seq: Sequence, n: int) -> int | None:
+        return None if self.prefix is None else self.prefix.plan_snapshot(seq, n)
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
         needed = -(-(seq.num_computed + n) // self.block_size) - len(seq.block_ids)
@@ -122,3 +165,5 @@ class Scheduler:
         if seq.lora_slot is not None:
             self.lora.release(seq.lora_slot)
             seq.lora_slot = None
+        if self.prefix is not None:
+            self.prefix.forget(seq)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from hylo.engine.detokenizer import IncrementalDetokenizer
 from hylo.outputs import Logprob
@@ -27,6 +29,10 @@ class Request:
     error: str | None = None  # why it failed on its own, if it did
     stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids as a set: looked up after every token
     banned: list[int] = field(default_factory=list)  # eos and stop token ids, masked until min_tokens are out
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words tokenized (hylo.sampling masks them)
+    grammar: Future | None = None  # its constraint being compiled, then compiled (engine.compile_grammar)
+    # With params.prompt_logprobs: None for the first prompt token, then one entry per prompt position computed so far.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -47,6 +53,7 @@ class Sequence:
     state_slot: int | None = None
     lora_id: int | None = None  # the adapter this sequence runs with (None: base model)
     lora_slot: int | None = None  # its device slot while running
+    grammar: Any = None  # an xgrammar GrammarMatcher for a constrained request: where its output is in the grammar
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] | None = None

@@ -22,6 +22,9 @@ import numpy as np
 STEP, PIPE = 1, 2  # what a message is: a packed step in the buffer, or "the next call is on your pipe"
 HEADER_WORDS = 8  # seq, kind, length, spare; then one acknowledgement word per worker
 SPIN_SECONDS = 0.05  # after a message, a worker polls without sleeping this long: steps come every few ms
+# Polling while another thread of the process needs the GIL (an adapter read): a spinning poll would hold it,
+# and that thread would get it back only once per switch interval. A short sleep lets it go each time.
+SHARED_POLL_SECONDS = 5e-5
 
 
 class StepChannel:
@@ -59,17 +62,19 @@ class StepChannel:
 
     # -- worker -------------------------------------------------------------------------------------
 
-    def wait(self, alive) -> tuple[int, np.ndarray | None]:
-        """The next message: (kind, the packed step for STEP). Polls, sleeping only after SPIN_SECONDS of quiet;
-        returns (0, None) once `alive()` says the driver is gone."""
+    def wait(self, alive, share_gil: bool = False) -> tuple[int, np.ndarray | None]:
+        """The next message: (kind, the packed step for STEP). Polls, sleeping only after SPIN_SECONDS of quiet
+        (or at once when `share_gil`: another thread of this process is working); returns (0, None) once
+        `alive()` says the driver is gone."""
         last = time.monotonic()
-        pause = 0.0
+        pause = SHARED_POLL_SECONDS if share_gil else 0.0
         while int(self.header[0]) == self.seq:
+            if pause:
+                time.sleep(pause)
             if time.monotonic() - last > SPIN_SECONDS:
                 if not alive():
                     return 0, None
                 pause = min(0.002, pause + 1e-4)
-                time.sleep(pause)
         self.seq += 1
         kind = int(self.header[1])
         return kind, (self.data[: int(self.header[2])].copy() if kind == STEP else None)

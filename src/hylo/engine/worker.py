@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -22,6 +23,8 @@ from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
 
 log = logging.getLogger("hylo")
 CPU_CACHE_BYTES = 1 << 30  # default state budget per rank on CPU, where no device memory tells us a size
+GIL_SWITCH_SECONDS = 5e-4
+READ_THREADS = 4  # adapters read at once on each rank
 
 
 class ModelWorker:
@@ -45,8 +48,13 @@ class ModelWorker:
         self.lora = None
         if config.enable_lora:
             self.lora = AdapterStore(self.model, model_config, config.max_loras, config.max_lora_rank, tp)
-            self.read_thread = ThreadPoolExecutor(1, thread_name_prefix="hylo-adapter-read")
+            # Several adapters wanted at once are read side by side: a read is mostly torch work, which runs
+            # without the GIL, and the requests waiting for them wait for the slowest read, not for their sum.
+            self.read_threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="hylo-adapter-read")
             self.reads: dict[int, Future] = {}
+            # A read shares the GIL with the steps: it must not wait CPython's default 5 ms for it each time it
+            # comes back from I/O or a torch op, nor hold it that long while a step is due.
+            sys.setswitchinterval(GIL_SWITCH_SECONDS)
         self.shapes = self.model.cache_shapes()
         self.caches = None
         self.graphs = None
@@ -81,7 +89,16 @@ class ModelWorker:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
-        """Logits [sampled sequences, vocab] in float32 (every rank computes them; the driver samples)."""
+        """Logits [sampled sequences, vocab] in float32 (every rank computes them; the driver samples). Prefix caching's
+        snapshot copies happen around the forward, outside any graph."""
+        if step.snapshot_restores:
+            self.caches.restore_snapshots(step.snapshot_restores)
+        logits = self._forward(step)
+        if step.snapshot_saves:
+            self.caches.save_snapshots(step.snapshot_saves)
+        return logits
+
+    def _forward(self, step: StepInput) -> torch.Tensor:
         if self.graphs is not None and self.graphs.fits(step):
             return self.graphs.run(step)
         batch = step.to_batch(self.device)
@@ -94,8 +111,13 @@ class ModelWorker:
         return self.graphs.replay_ms(batch, replays) if self.graphs is not None else None
 
     def lora_read_start(self, request: LoRARequest) -> None:
-        """Read the adapter's folder on this rank's reading thread; the steps go on meanwhile."""
-        self.reads[request.lora_int_id] = self.read_thread.submit(self.lora.register, request)
+        """Read the adapter's folder on one of this rank's reading threads; the steps go on meanwhile."""
+        self.reads[request.lora_int_id] = self.read_threads.submit(self.lora.register, request)
+
+    @property
+    def reading(self) -> bool:
+        """Whether an adapter read is under way on this rank (its thread then needs the GIL now and then)."""
+        return self.lora is not None and bool(self.reads)
 
     def lora_read_done(self) -> dict[int, str | None]:
         """Reads finished since the last call: adapter id → None, or why it was refused."""

@@ -10,6 +10,7 @@ queue while the others keep decoding.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -37,6 +38,10 @@ class LoRASlots:
         self.reading: dict[int, tuple[LoRARequest, dict[int, str | None]]] = {}
         self.load_seconds: list[float] = []  # one entry per slot load, read by the server's metrics
         self.forget_when_read: set[int] = set()  # removed while being read, and no request needs them: dropped once read
+        # Which read of its folder each adapter in host memory is: cached prefixes are keyed by it, so a folder read
+        # again (changed, or another path under the same id) never meets entries computed with the old weights.
+        self.generation: dict[int, int] = {}
+        self._reads = itertools.count()
 
     def start(self, request: LoRARequest) -> bool:
         """Know `request`; True if it is in host memory already, else its folder is being read and validated on
@@ -80,6 +85,7 @@ class LoRASlots:
                 if lora_id not in self.draining:  # removed while being read: it serves its queued requests, then goes
                     self.requests[lora_id] = request
                 self.host[lora_id] = None
+                self.generation[lora_id] = next(self._reads)
                 self._trim()
             done[lora_id] = why
         return done
@@ -105,6 +111,11 @@ class LoRASlots:
             if self.draining.pop(lora_id, None) is not None:
                 self._forget(lora_id)
         self._trim()
+
+    def identity(self, lora_id: int) -> tuple[int, str, str, int]:
+        """(id, name, path, read generation) of an adapter in host memory: what its cached prefixes are keyed by."""
+        request = self.requests.get(lora_id) or self.draining[lora_id]
+        return lora_id, request.lora_name, request.lora_path, self.generation[lora_id]
 
     def can_run(self, lora_id: int) -> bool:
         return lora_id in self.host and (lora_id in self.slot_lora or any(u == 0 for u in self.slot_users))
@@ -141,6 +152,7 @@ class LoRASlots:
             self.forget_when_read.add(lora_id)
         if lora_id in self.host:
             del self.host[lora_id]
+            del self.generation[lora_id]
             self.executor.call("lora_forget", lora_id)
         for slot, held in enumerate(self.slot_lora):
             if held == lora_id:  # no sequence holds it: the last one has finished
@@ -152,4 +164,5 @@ class LoRASlots:
         while len(self.host) > self.max_cpu_loras and idle:
             lora_id = idle.pop(0)
             del self.host[lora_id]
+            del self.generation[lora_id]
             self.executor.call("lora_forget", lora_id)

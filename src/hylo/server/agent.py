@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from hylo.parsers import ChatOutputParser, output_parser
-from hylo.sampling import InvalidParam
+from hylo.parsers import ChatOutputParser, output_parser, prompt_opens_thinking
+from hylo.sampling import InvalidParam, SamplingParams
+from hylo.structured.tool_calls import tool_call_constraint
 
 
 def message_text(content: str | list[dict] | None) -> str:
@@ -38,7 +39,8 @@ def template_message(m) -> dict:
 def request_tools(body, auto_tool_choice: bool) -> tuple[list[dict] | None, bool]:
     """(the tools for the chat template, whether the output is parsed for tool calls). tool_choice "none"
     shows the model its tools and parses nothing (OpenAI's meaning); "auto", the default with tools, needs
-    a server started with --enable-auto-tool-choice (as vLLM)."""
+    a server started with --enable-auto-tool-choice (as vLLM); "required" and a named function are enforced
+    (`constrain_tool_calls`), so they need only the tool-call parser."""
     tools = getattr(body, "tools", None)
     if not tools:
         return None, False
@@ -46,7 +48,23 @@ def request_tools(body, auto_tool_choice: bool) -> tuple[list[dict] | None, bool
     if choice == "auto" and not auto_tool_choice:
         raise InvalidParam("tool_choice", "tool_choice \"auto\" (the default with tools) needs a server started with "
                                           "--enable-auto-tool-choice; send tool_choice \"none\" to show the model its tools without calls")
-    return [t.model_dump(exclude_unset=True) for t in tools], choice == "auto"
+    return [t.model_dump(exclude_unset=True) for t in tools], choice != "none"
+
+
+def constrain(body, tools: list[dict] | None, prompt: str, params: SamplingParams, reasoning_parser: str | None) -> None:
+    """Where the prompt leaves a thinking block open: with a reasoning parser, the request's own constraint
+    (response_format...) holds from the end of the thinking on, as vLLM applies it. Then the grammar that
+    enforces tool_choice "required", a named function, or `strict: true` tools' arguments (thinking first)."""
+    thinking = prompt_opens_thinking(prompt, (body.chat_template_kwargs or {}).get("enable_thinking"))
+    if params.structured_outputs is not None and reasoning_parser is not None and thinking:
+        params.structured_outputs.after_thinking = True
+    constraint = tool_call_constraint(tools, body.tool_choice or "auto", thinking, body.parallel_tool_calls is not False) if tools else None
+    if constraint is None:
+        return
+    if params.structured_outputs is not None:
+        raise InvalidParam("tool_choice", "tool_choice \"required\", a named function and strict tools are enforced by a grammar, and so is "
+                                          "this request's structured output (response_format, structured_outputs or guided_*); give one of them")
+    params.structured_outputs = constraint
 
 
 def choice_parsers(

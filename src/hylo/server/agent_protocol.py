@@ -1,9 +1,9 @@
 """The chat request's agent fields, taken only where the server runs the parser that gives them a meaning.
 
-- `--tool-call-parser qwen3_coder`: `tools`, `tool_choice` ("none" or "auto"), `parallel_tool_calls`,
-  assistant messages with `tool_calls` and `tool` messages with `tool_call_id`. `tool_choice: "required"`
-  or a named function, and a tool with `strict: true`, need constrained decoding, which hylo does not
-  have yet: they are refused, not approximated.
+- `--tool-call-parser qwen3_coder`: `tools` (`strict: true` ones too), `tool_choice` ("none", "auto",
+  "required" or a named function), `parallel_tool_calls`, assistant messages with `tool_calls` and `tool`
+  messages with `tool_call_id`. "required", a named function and strict tools are enforced by constrained
+  decoding (hylo.structured.tool_calls), not hoped for.
 - `--reasoning-parser qwen3`: assistant messages with `reasoning_content` (or vLLM's `reasoning`), which
   is what a client sends back after a response that carried them.
 
@@ -24,8 +24,6 @@ from hylo.server.protocol import ROLES, Body, ChatMessage, ChatRequest, refuse, 
 # Names end up inside the template's XML (<function=NAME>) and are read back from the model's output.
 TOOL_NAME = re.compile(r"[^\s<>{}\"'=]{1,128}")
 TOOL_NAME_RULE = "1 to 128 characters, none of them whitespace, quotes, braces, angle brackets or ="
-NEEDS_CONSTRAINED_DECODING = ("needs constrained decoding, which hylo does not have yet (it would only be hoped for, not enforced); "
-                              "use tool_choice \"auto\" and check the calls, or \"none\"")
 
 
 def function_name(value: str) -> str:
@@ -36,12 +34,11 @@ def function_name(value: str) -> str:
 
 class ToolFunction(Body):
     where = "a tool's function"
-    not_supported = {"strict": (None, False)}
-    hints = {"strict": "strict: true " + NEEDS_CONSTRAINED_DECODING}
 
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # true: a call's arguments follow `parameters` (enforced by a grammar)
 
     @field_validator("name")
     @classmethod
@@ -133,14 +130,15 @@ class AgentChatRequest(ChatRequest):
 
     @field_validator("tool_choice", mode="plain")
     @classmethod
-    def _tool_choice(cls, value: Any) -> str | None:
-        if value is None or value in ("none", "auto"):
+    def _tool_choice(cls, value: Any) -> str | dict | None:
+        if value is None or value in ("none", "auto", "required"):
             return value
-        if value == "required":
-            raise refuse([], f"tool_choice \"required\" {NEEDS_CONSTRAINED_DECODING}")
         if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict):
-            raise refuse([], f"tool_choice naming a function ({shown(value['function'].get('name'))}) {NEEDS_CONSTRAINED_DECODING}")
-        raise refuse([], f"tool_choice must be \"none\" or \"auto\" (\"required\" and a named function need constrained decoding), not {what(value)}")
+            function = value["function"]
+            if set(value) != {"type", "function"} or set(function) != {"name"} or not isinstance(function["name"], str):
+                raise refuse([], f"a named tool_choice is {{\"type\": \"function\", \"function\": {{\"name\": NAME}}}}, not {shown(value)}")
+            return value
+        raise refuse([], f"tool_choice must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": NAME}}}}, not {what(value)}")
 
     @model_validator(mode="after")
     def _tools_are_distinct(self):
@@ -148,6 +146,11 @@ class AgentChatRequest(ChatRequest):
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise refuse(["tools", i, "function", "name"], f"two tools are named {shown(name)}; a call could not say which one it means")
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise refuse(["tool_choice"], f"tool_choice {shown(self.tool_choice)} needs tools to call; send tools, or remove tool_choice")
+        if isinstance(self.tool_choice, dict) and self.tool_choice["function"]["name"] not in names:
+            name = self.tool_choice["function"]["name"]
+            raise refuse(["tool_choice", "function", "name"], f"tool_choice names {shown(name)}, which is not among the tools ({', '.join(names)})")
         return self
 
 

@@ -26,11 +26,12 @@ from hylo.lora.request import LoRARequest
 from hylo.outputs import RequestOutput
 from hylo.parsers import ChatOutputParser
 from hylo.sampling import InvalidParam
-from hylo.server.agent import choice_parsers, request_tools, template_message
+from hylo.server.agent import choice_parsers, constrain, request_tools, template_message
 from hylo.server.agent_protocol import chat_request_class
 from hylo.server.async_engine import AsyncEngine, Overloaded, Unavailable
 from hylo.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hylo.server.protocol import ADAPTER_NAME, ADAPTER_NAME_RULE
+from hylo.server.request_log import log_finished, log_received
 from hylo.server.protocol import (
     ERROR_TYPES, ChatRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest, UnloadAdapterRequest, describe,
     error_body, hide_paths,
@@ -60,6 +61,12 @@ class ServerState:
     reasoning_parser: str | None = None  # --reasoning-parser: reasoning_content apart from content (hylo.parsers)
     tool_call_parser: str | None = None  # --tool-call-parser: tools, tool_calls, tool messages
     auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" parses the output for calls
+    served_aliases: tuple[str, ...] = ()  # the other --served-model-names: accepted as `model`, reported as served_name
+    log_requests: bool = False  # a line when each request is admitted and when it ends (not --disable-log-requests)
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return (self.served_name, *self.served_aliases)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -135,8 +142,8 @@ def build_app(state: ServerState) -> FastAPI:
         # No server paths: the base model's root is its served name (as in vLLM); an adapter's is its name, or
         # for one loaded at runtime the path the client gave (relative to --lora-root).
         max_model_len = state.engine.engine.max_model_len
-        data = [{"id": state.served_name, "object": "model", "created": created, "owned_by": "hylo", "root": state.served_name, "parent": None,
-                 "max_model_len": max_model_len}]
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "hylo", "root": state.served_name, "parent": None,
+                 "max_model_len": max_model_len} for name in state.served_names]
         paths = server_paths()
         data += [
             {"id": name, "object": "model", "created": created, "owned_by": "hylo", "root": hide_paths(r.lora_path, paths), "parent": state.served_name,
@@ -204,7 +211,12 @@ def build_app(state: ServerState) -> FastAPI:
             body.max_tokens = body.max_completion_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         parsers = choice_parsers(state.reasoning_parser, state.tool_call_parser, prompt, body, tools, parse_tools)
-        return await respond(state, body, lora, [prompt], make_params(body, logprobs, state), chat=True, request=request, parsers=parsers)
+        params = make_params(body, logprobs, state)
+        try:
+            constrain(body, tools, prompt, params, state.reasoning_parser)  # after the thinking; tool_choice "required"...
+        except InvalidParam as e:
+            raise ApiError(400, str(e), e.param) from None
+        return await respond(state, body, lora, [prompt], params, chat=True, request=request, parsers=parsers)
 
     # The body's schema takes tools and reasoning in the history only where their parsers run (server/agent_protocol.py).
     chat.__annotations__["body"] = chat_request_class(state.tool_call_parser is not None, state.reasoning_parser is not None)
@@ -217,7 +229,7 @@ def build_app(state: ServerState) -> FastAPI:
         name = body.lora_name
         if not ADAPTER_NAME.fullmatch(name):
             raise ApiError(400, f"lora_name must be {ADAPTER_NAME_RULE}", "lora_name")
-        if name in state.adapters or name == state.served_name:
+        if name in state.adapters or name in state.served_names:
             raise ApiError(400, f"an adapter named '{name}' is already loaded; unload it first", "lora_name")
         if name in state.loading:
             raise ApiError(400, f"an adapter named '{name}' is being loaded by another request", "lora_name")
@@ -318,7 +330,7 @@ def template_kwargs(state: ServerState, body) -> dict:
 
 
 def resolve_model(state: ServerState, name: str) -> LoRARequest | None:
-    if name == state.served_name:
+    if name in state.served_names:
         return None
     if name in state.adapters:
         return state.adapters[name]
@@ -352,10 +364,19 @@ def split_prompts(prompt) -> list[str | dict]:
 
 
 def make_params(body, logprobs: int | None, state: ServerState):
+    engine = state.engine.engine
     try:
-        return body.sampling_params(logprobs, default_max_tokens=16 if isinstance(body, CompletionRequest) else state.engine.engine.max_model_len)
+        return body.sampling_params(logprobs, default_max_tokens=16 if isinstance(body, CompletionRequest) else engine.max_model_len,
+                                    model_defaults=engine.default_sampling)
     except ValueError as e:  # hylo.sampling.InvalidParam names the field
         raise ApiError(400, str(e).removeprefix("SamplingParams."), getattr(e, "param", None)) from None
+
+
+def constraint_error(body, e: InvalidParam) -> ApiError:
+    """A constraint that cannot be compiled, named as the request gave it: its own field (guided_json,
+    response_format...), or `tools` for the grammar that tool_choice made."""
+    field = body.constraint_field(e.param) if body.structured() is not None else "tools"
+    return ApiError(400, str(e).replace(e.param, field, 1), field)
 
 
 async def respond(state: ServerState, body, lora, prompts, params, chat: bool, request: Request | None = None, parsers=None):
@@ -363,7 +384,10 @@ async def respond(state: ServerState, body, lora, prompts, params, chat: bool, r
     try:
         # Every prompt tokenized (on prompt worker threads) and checked against max_model_len first: a long
         # prompt is refused before the engine, and before any other prompt of the request starts.
-        prompts = await until_gone(request, asyncio.gather(*(state.engine.prompts.prepare(p) for p in prompts)))
+        # The constraint (structured outputs, tool_choice) compiles meanwhile, on a worker thread: a bad one is a 400 too.
+        compiling = state.engine.engine.compile_grammar(params)
+        compiled = [asyncio.wrap_future(compiling)] if compiling is not None else []
+        prompts = (await until_gone(request, asyncio.gather(*(state.engine.prompts.prepare(p) for p in prompts), *compiled)))[: len(prompts)]
         streams = [state.engine.generate(f"{request_id}-{i}", p, params, lora) for i, p in enumerate(prompts)]
         merged = merge(streams)
         # Validation errors surface here, before any byte is sent; a client gone meanwhile aborts its requests.
@@ -373,6 +397,8 @@ async def respond(state: ServerState, body, lora, prompts, params, chat: bool, r
     except Unavailable as e:  # the engine failed, or the server is shutting down
         raise ApiError(503, str(e)) from None
     except InvalidParam as e:  # the engine's checks of a request (prompt, logprobs, stop_token_ids, n) name the field
+        if e.param.startswith("structured_outputs"):
+            raise constraint_error(body, e) from None
         raise ApiError(400, str(e).removeprefix("SamplingParams."), e.param) from None
     except AdapterError as e:  # the adapter that `model` names cannot be used
         raise ApiError(400, str(e), "model") from None
@@ -382,7 +408,13 @@ async def respond(state: ServerState, body, lora, prompts, params, chat: bool, r
         raise ApiError(503, str(e)) from None
     except StopAsyncIteration:
         raise ApiError(500, "no output") from None
-    view = Responder(request_id, body.model, chat, params, parsers)
+    if state.log_requests:
+        log_received(request_id, "chat" if chat else "completions", body.model, prompts, params)
+    # The base model is reported by its first --served-model-name, whichever of its names the request used (as vLLM).
+    reported = state.served_name if lora is None else body.model
+    view = Responder(request_id, reported, chat, params, parsers, log_requests=state.log_requests, echo=getattr(body, "echo", False),
+                     echo_only=getattr(body, "echo_only", False), tokenizer=state.engine.engine.tokenizer,
+                     prompt_logprobs=body.prompt_logprobs is not None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(view.sse(first, merged, include_usage), media_type="text/event-stream")
@@ -492,9 +524,15 @@ def sse_error(status: int, message: str, param: str | None = None) -> str:
 class Responder:
     """Shapes RequestOutputs as OpenAI completion / chat responses and SSE chunks."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, params, parsers: Callable[[], ChatOutputParser] | None = None):
+    def __init__(self, request_id: str, model: str, chat: bool, params, parsers: Callable[[], ChatOutputParser] | None = None,
+                 log_requests: bool = False, echo: bool = False, echo_only: bool = False, tokenizer=None, prompt_logprobs: bool = False):
         self.id, self.model, self.chat, self.params = request_id, model, chat, params
         self.created = int(time.time())
+        self.started, self.log_requests = time.monotonic(), log_requests
+        # Completions' echo: each choice starts with the prompt (its logprobs first, with logprobs); echo_only (max_tokens
+        # 0): the prompt alone. `prompt_logprobs`: vLLM's field of that name is in the response.
+        self.echo, self.echo_only, self.tokenizer, self.prompt_logprobs = echo, echo_only, tokenizer, prompt_logprobs
+        self.echoed: set[int] = set()  # streamed choices whose prompt went out
         self.n = params.n
         self.sent: dict[int, int] = {}  # choice index → characters already streamed
         self.sent_tokens: dict[int, int] = {}
@@ -526,11 +564,20 @@ class Responder:
                         choice["finish_reason"] = self._finish_reason(parser, c.finish_reason)
                     choice["logprobs"] = self._chat_logprobs(c.logprobs) if c.logprobs is not None else None
                 else:
-                    choice["text"] = c.text
-                    choice["logprobs"] = self._completion_logprobs(c.logprobs) if c.logprobs is not None else None
+                    prompt_text, prompt_entries = self._echo(out, c)
+                    choice["text"] = prompt_text + ("" if self.echo_only else c.text)
+                    entries = None if c.logprobs is None else prompt_entries + ([] if self.echo_only else c.logprobs)
+                    choice["logprobs"] = self._completion_logprobs(entries, out.prompt_token_ids[0]) if entries is not None else None
+                    if self.prompt_logprobs:
+                        choice["prompt_logprobs"] = self._prompt_logprobs(out.prompt_logprobs)
                 choices.append(choice)
         kind = "chat.completion" if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, "usage": self._usage(outs)}
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, "usage": self._usage(outs)}
+        if self.chat and self.prompt_logprobs:
+            body["prompt_logprobs"] = self._prompt_logprobs(outs[0].prompt_logprobs)
+        if self.log_requests:
+            log_finished(self.id, outs, time.monotonic() - self.started)
+        return body
 
     async def sse(self, first, rest, include_usage: bool):
         finals: dict[int, RequestOutput] = {}
@@ -542,7 +589,7 @@ class Responder:
             while item is not None:
                 p, out = item
                 finals[p] = out
-                choices = [ch for c in out.outputs if (ch := self._delta(p, c)) is not None]
+                choices = [ch for c in out.outputs if (ch := self._delta(p, c, out)) is not None]
                 if choices:
                     yield self._event(choices)
                 if out.error is not None:  # this request failed on its own: an error event, then [DONE]
@@ -553,6 +600,8 @@ class Responder:
             if include_usage:
                 yield self._event([], usage=self._usage([finals[i] for i in sorted(finals)]))
             yield "data: [DONE]\n\n"
+            if self.log_requests:
+                log_finished(self.id, [finals[i] for i in sorted(finals)], time.monotonic() - self.started)
         except (Unavailable, Overloaded) as e:  # the engine failed, or the server is shutting down
             yield sse_error(503, str(e))
             yield "data: [DONE]\n\n"
@@ -566,14 +615,19 @@ class Responder:
         finally:
             await rest.aclose()  # a client gone mid-stream: abort its requests, free their blocks and slots
 
-    def _delta(self, p: int, c) -> dict | None:
+    def _delta(self, p: int, c, out: RequestOutput) -> dict | None:
         index = self._choice_index(p, c.index)
         finished = c.finish_reason is not None
         upto = len(c.text) if finished else max(self.sent.get(index, 0), len(c.text) - self.hold)
         text = c.text[self.sent.get(index, 0) : upto]
         tokens_from = self.sent_tokens.get(index, 0)
-        if not text and not finished:
+        echoing = self.echo and index not in self.echoed  # the choice's first chunk carries the prompt
+        echo_text, echo_entries = self._echo(out, c) if echoing else ("", [])
+        if self.echo_only:
+            text = ""
+        if not text and not echoing and not finished:
             return None
+        self.echoed.add(index)
         self.sent[index] = upto
         delta = {"content": text} if text else {}
         choice = {"index": index, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
@@ -592,9 +646,18 @@ class Responder:
             choice["delta"] = delta
             choice["logprobs"] = self._chat_logprobs(new_logprobs) if new_logprobs is not None else None
         else:
-            choice["text"] = text
-            choice["logprobs"] = self._completion_logprobs(new_logprobs) if new_logprobs is not None else None
+            choice["text"] = echo_text + text
+            entries = None if new_logprobs is None else echo_entries + ([] if self.echo_only else new_logprobs)
+            choice["logprobs"] = self._completion_logprobs(entries, out.prompt_token_ids[0]) if entries is not None else None
         return choice
+
+    def _echo(self, out: RequestOutput, c) -> tuple[str, list]:
+        """Completions with echo: the prompt's text (token-id prompts decoded) and, where the choice has logprobs,
+        the prompt's entries (None for its first token); ("", []) without echo."""
+        if not self.echo:
+            return "", []
+        text = out.prompt if out.prompt is not None else (self.tokenizer.decode(out.prompt_token_ids) if self.tokenizer else "")
+        return text, list(out.prompt_logprobs or []) if c.logprobs is not None else []
 
     @staticmethod
     def _finish_reason(parser: ChatOutputParser, reason: str | None) -> str | None:
@@ -608,13 +671,24 @@ class Responder:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    def _completion_logprobs(self, entries) -> dict:
-        sampled = [next(iter(entry.values())) for entry in entries]  # the sampled token comes first in each entry
+    def _completion_logprobs(self, entries, first_prompt_token: int | None = None) -> dict:
+        """OpenAI's completion logprobs; an entry None is the echoed prompt's first token (nothing predicts it):
+        its logprob and top_logprobs are null, as in OpenAI's and vLLM's echo."""
+        first = self.tokenizer.decode([first_prompt_token]) if self.tokenizer and first_prompt_token is not None else None
+        sampled = [None if entry is None else next(iter(entry.values())) for entry in entries]  # the sampled token first
         return {
-            "tokens": [lp.decoded_token for lp in sampled],
-            "token_logprobs": [lp.logprob for lp in sampled],
-            "top_logprobs": [{lp.decoded_token: lp.logprob for lp in entry.values()} for entry in entries],
+            "tokens": [first if lp is None else lp.decoded_token for lp in sampled],
+            "token_logprobs": [None if lp is None else _finite(lp.logprob) for lp in sampled],
+            "top_logprobs": [None if entry is None else {lp.decoded_token: _finite(lp.logprob) for lp in entry.values()} for entry in entries],
         }
+
+    @staticmethod
+    def _prompt_logprobs(entries) -> list | None:
+        """vLLM's prompt_logprobs: null for the first prompt token, then {token id: {logprob, rank, decoded_token}}."""
+        if entries is None:
+            return None
+        return [None if entry is None else {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                            for t, lp in entry.items()} for entry in entries]
 
     def _chat_logprobs(self, entries) -> dict:
         def item(lp) -> dict:
@@ -625,3 +699,8 @@ class Responder:
             top = sorted(entry.values(), key=lambda x: x.rank)[: self.params.logprobs or 0]
             content.append({**item(next(iter(entry.values()))), "top_logprobs": [item(t) for t in top]})
         return {"content": content}
+
+
+def _finite(logprob: float) -> float:
+    """-inf (a token the model rules out) as vLLM writes it: JSON has no infinity."""
+    return max(logprob, -9999.0)

@@ -26,6 +26,9 @@ GAUGES = {
     "hylo_gdn_slots_total": "GDN state slots",
     "hylo_adapter_slots_used": "Device adapter slots holding an adapter",
     "hylo_adapter_slots_total": "Device adapter slots",
+    "hylo_prefix_cache_blocks": "KV blocks holding a cached prefix, in use or not (prefix caching)",
+    "hylo_prefix_cache_snapshots_used": "GDN state snapshots holding a cached prefix's state (prefix caching)",
+    "hylo_prefix_cache_snapshots_total": "GDN state snapshot entries (prefix caching)",
 }
 
 
@@ -43,6 +46,9 @@ class Metrics:
         self.ttft = Histogram("hylo_time_to_first_token_seconds", "Time from arrival to the first generated token", buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("hylo_inter_token_latency_seconds", "Time between consecutive tokens of a request", buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_loads_seen = 0
+        self.prefix_queries = Counter("hylo_prefix_cache_queries", "Prompt tokens that looked for a cached prefix", registry=r)
+        self.prefix_hits = Counter("hylo_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)", registry=r)
+        self.prefix_seen = (0, 0)
 
     def observe_step(self, engine) -> None:
         scheduler = engine.scheduler
@@ -55,7 +61,18 @@ class Metrics:
             "hylo_gdn_slots_total": scheduler.slots.size,
             "hylo_adapter_slots_used": 0,
             "hylo_adapter_slots_total": 0,
+            "hylo_prefix_cache_blocks": 0,
+            "hylo_prefix_cache_snapshots_used": 0,
+            "hylo_prefix_cache_snapshots_total": 0,
         }
+        prefix = scheduler.prefix
+        if prefix is not None:
+            values["hylo_prefix_cache_blocks"] = prefix.blocks.num_cached
+            values["hylo_prefix_cache_snapshots_used"] = prefix.snapshots.num_used
+            values["hylo_prefix_cache_snapshots_total"] = prefix.snapshots.size
+            self.prefix_queries.inc(prefix.queries - self.prefix_seen[0])
+            self.prefix_hits.inc(prefix.hits - self.prefix_seen[1])
+            self.prefix_seen = (prefix.queries, prefix.hits)
         lora = engine.lora
         if lora is not None:
             values["hylo_adapter_slots_used"] = sum(x is not None for x in lora.slot_lora)

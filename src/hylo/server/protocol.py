@@ -4,8 +4,8 @@ Nothing a client asks for is silently ignored:
 - every value must have its JSON type: "5" is not 5, true is not 1 (an integer is a number, though);
   a null means "the default", as in OpenAI's API;
 - the OpenAI and vLLM fields that hylo does not implement are refused by name, unless they carry
-  the value that asks for nothing (what clients send by default: `logit_bias: {}`, `echo: false`,
-  `best_of: 1`, `tool_choice: "none"`, `response_format: {"type": "text"}`, ...);
+  the value that asks for nothing (what clients send by default: `echo: false`,
+  `best_of: 1`, `tool_choice: "none"`, `suffix: ""`, ...);
 - any other unknown field is refused;
 - text must be valid Unicode (a lone UTF-16 surrogate such as "\\ud800" cannot be tokenized).
 
@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from hylo.sampling import SamplingParams
+from hylo.sampling import InvalidParam, SamplingParams
+from hylo.structured import StructuredOutputsParams
 
 # Adapter names end up in URLs, logs and Prometheus labels: a safe character set only.
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}")
@@ -161,25 +162,14 @@ class StreamOptions(Body):
 
 # OpenAI and vLLM fields that neither endpoint implements.
 NOT_SUPPORTED = {
-    "logit_bias": (None, {}),
-    "echo": (None, False),
-    "response_format": (None, {"type": "text"}),
-    "prompt_logprobs": (None,),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
+    "guided_decoding_backend": (None, "xgrammar"),  # the one hylo has
     "guided_whitespace_pattern": (None,),
-    "structured_outputs": (None,),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
     "include_stop_str_in_output": (None, False),
     "skip_special_tokens": (None, True),
     "spaces_between_special_tokens": (None, True),
     "truncate_prompt_tokens": (None,),
-    "allowed_token_ids": (None,),
-    "bad_words": (None, []),
     "add_special_tokens": (None,),
     "return_tokens_as_token_ids": (None, False),
     "return_token_ids": (None, False),
@@ -192,7 +182,114 @@ NOT_SUPPORTED = {
 }
 
 
-class SamplingFields(Body):
+# The fields a model's generation_config.json may give defaults for (--generation-config), when a request leaves them unset.
+MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+STRUCTURED_OUTPUTS_KEYS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag", "disable_any_whitespace")
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}  # vLLM's older names
+MAX_TOKEN_ID_DIGITS = 10  # a logit_bias key longer than this is no token id of any vocabulary
+
+
+class ConstraintFields(Body):
+    """What a request may generate: OpenAI's logit_bias and response_format, vLLM's allowed_token_ids, bad_words,
+    structured_outputs and guided_* (one constraint per request, compiled by hylo.structured)."""
+
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @field_validator("logit_bias", mode="plain")
+    @classmethod
+    def _logit_bias(cls, value: Any) -> dict[str, float]:
+        if not isinstance(value, dict):
+            raise refuse([], f"logit_bias must be an object of token id (a string of digits) → bias, not {what(value)}")
+        for key, bias in value.items():
+            if not re.fullmatch(rf"[0-9]{{1,{MAX_TOKEN_ID_DIGITS}}}", key):
+                raise refuse([], f"logit_bias keys must be token ids written as strings of digits (\"1234\"), not {shown(key)}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise refuse([], f"logit_bias[{shown(key)}] must be a number in [-100, 100], not {what(bias)}")
+        return value
+
+    @field_validator("response_format", mode="plain")
+    @classmethod
+    def _response_format(cls, value: Any) -> dict | None:
+        if not isinstance(value, dict):
+            raise refuse([], f"response_format must be an object such as {{\"type\": \"json_object\"}}, not {what(value)}")
+        kind = value.get("type")
+        keys = {"text": ("type",), "json_object": ("type",), "json_schema": ("type", "json_schema")}.get(kind)
+        if keys is None:
+            raise refuse(["type"], f"response_format.type must be \"text\", \"json_object\" or \"json_schema\", not {what(kind)}")
+        for key in value:
+            if key not in keys:
+                raise refuse([key], f"unknown field {shown(key)} in a response_format of type {shown(kind)}; remove it")
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict):
+                raise refuse(["json_schema"], f"response_format.json_schema must be an object {{\"name\", \"schema\", \"strict\"?}}, not {what(spec)}")
+            for key, ok, want in (("name", lambda v: isinstance(v, str) and v, "a non-empty string"), ("schema", lambda v: isinstance(v, dict), "an object (a JSON schema)"),
+                                  ("description", lambda v: v is None or isinstance(v, str), "a string"), ("strict", lambda v: v is None or isinstance(v, bool), "true or false")):
+                if not ok(spec.get(key)):
+                    raise refuse(["json_schema", key], f"response_format.json_schema.{key} must be {want}, not {what(spec.get(key))}")
+            for key in spec:
+                if key not in ("name", "schema", "description", "strict"):
+                    raise refuse(["json_schema", key], f"unknown field {shown(key)} in response_format.json_schema; remove it")
+        return None if kind == "text" else value  # text asks for nothing
+
+    @field_validator("structured_outputs", mode="plain")
+    @classmethod
+    def _structured_outputs(cls, value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise refuse([], f"structured_outputs must be an object such as {{\"regex\": \"[a-z]+\"}}, not {what(value)}")
+        for key in value:
+            if key not in STRUCTURED_OUTPUTS_KEYS:
+                raise refuse([key], f"unknown field {shown(key)} in structured_outputs; hylo takes {', '.join(STRUCTURED_OUTPUTS_KEYS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [name for name in ("response_format", "structured_outputs", *GUIDED) if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise refuse([given[1]], f"{given[0]} and {given[1]} both constrain the output; give one of them")
+        try:
+            self.structured()
+        except InvalidParam as e:
+            param = self.constraint_field(e.param)
+            raise refuse(param.split("."), str(e).replace(e.param, param, 1)) from None
+        return self
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The request's constraint as SamplingParams takes it (InvalidParam naming a structured_outputs field)."""
+        fmt = self.response_format
+        if fmt is not None:
+            return StructuredOutputsParams(json_object=True) if fmt["type"] == "json_object" else StructuredOutputsParams(json=fmt["json_schema"]["schema"])
+        if self.structured_outputs is not None:
+            return StructuredOutputsParams(**self.structured_outputs)
+        for name, kind in GUIDED.items():
+            if getattr(self, name) is not None:
+                return StructuredOutputsParams(**{kind: getattr(self, name)})
+        return None
+
+    def constraint_field(self, param: str) -> str:
+        """A StructuredOutputsParams field ("structured_outputs.json") as this request spelled it ("guided_json")."""
+        if self.response_format is not None:
+            return "response_format.json_schema.schema" if self.response_format["type"] == "json_schema" else "response_format"
+        kind = param.removeprefix("structured_outputs.")
+        return next((name for name, k in GUIDED.items() if k == kind and getattr(self, name) is not None), param)
+
+    def constraints(self) -> dict:
+        """SamplingParams' logit_bias, allowed_token_ids, bad_words and structured_outputs."""
+        bias = {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
+        return {"logit_bias": bias, "allowed_token_ids": self.allowed_token_ids, "bad_words": self.bad_words, "structured_outputs": self.structured()}
+
+
+class SamplingFields(ConstraintFields):
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -208,6 +305,7 @@ class SamplingFields(Body):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     min_tokens: int = 0
+    prompt_logprobs: int | None = None  # vLLM's extra: per prompt token, its logprob and the top ones
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the caller's own bookkeeping: changes nothing
@@ -228,16 +326,32 @@ class SamplingFields(Body):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise refuse(["stream_options"], "stream_options is only allowed with stream: true; remove it or set stream to true")
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM
+            raise refuse(["prompt_logprobs"], "prompt_logprobs is not available with stream: true; remove one of them")
         return self
 
-    def sampling_params(self, logprobs: int | None, default_max_tokens: int) -> SamplingParams:
+    def sampling_params(self, logprobs: int | None, default_max_tokens: int, model_defaults: dict | None = None) -> SamplingParams:
+        """`model_defaults` (the model's generation config) fill the MODEL_DEFAULTED fields and max_tokens that this
+        request did not send (a field sent as null counts as not sent), as vLLM's server applies them."""
+        model_defaults = model_defaults or {}
+        chosen = {name: getattr(self, name) if name in self.model_fields_set else model_defaults.get(name, getattr(self, name))
+                  for name in MODEL_DEFAULTED}
+        max_tokens = self.max_tokens if self.max_tokens is not None else model_defaults.get("max_tokens", default_max_tokens)
+        if self.echo_only:  # one token is computed (the engine samples at least one) and none returned, as vLLM does
+            max_tokens = 1
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
-            stop=self.stop, stop_token_ids=self.stop_token_ids, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
-            logprobs=logprobs,
+            n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+            min_tokens=0 if self.echo_only else self.min_tokens, max_tokens=max_tokens, logprobs=logprobs,
+            prompt_logprobs=self.wanted_prompt_logprobs(logprobs), **chosen, **self.constraints(),
         )
+
+    @property
+    def echo_only(self) -> bool:
+        """The prompt alone comes back (completions' echo with max_tokens 0)."""
+        return False
+
+    def wanted_prompt_logprobs(self, logprobs: int | None) -> int | None:
+        return self.prompt_logprobs
 
 
 PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
@@ -257,6 +371,23 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
+    echo: bool = False  # the prompt before each choice's text (and, with logprobs, the prompt tokens' logprobs first)
+
+    @model_validator(mode="after")
+    def _max_tokens_zero_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise refuse(["max_tokens"], "max_tokens: 0 generates nothing, which only echo: true makes useful (it returns the prompt "
+                                         "and, with logprobs, its tokens' logprobs); set echo, or ask for at least 1 token")
+        return self
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (what evaluation harnesses send to score a text): the prompt alone comes back."""
+        return self.echo and self.max_tokens == 0
+
+    def wanted_prompt_logprobs(self, logprobs: int | None) -> int | None:
+        """With echo, logprobs covers the echoed prompt too (as vLLM and OpenAI): its logprobs are asked for."""
+        return logprobs if self.prompt_logprobs is None and self.echo else self.prompt_logprobs
 
     @field_validator("prompt", mode="plain")
     @classmethod
@@ -339,6 +470,7 @@ class ChatRequest(SamplingFields):
     check_unicode = True
     not_supported = {
         **NOT_SUPPORTED,
+        "echo": (None, False),  # vLLM's chat echo (the last message's content repeated) is not the completions one
         "tools": (None, []),
         "tool_choice": (None, "none"),
         "functions": (None, []),

@@ -35,7 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
-    p.add_argument("--served-model-name", help="the base model's name in the API (default: the folder name)")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the base model's names in the API: the first is the one reported, all are accepted as `model` (default: the folder name)")
+    p.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE", help="the chat template to render with instead of the tokenizer's: a file, or the template itself")
+    p.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's own log level (its access log included)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no log line when a request is admitted and when it ends (those lines hold no prompt text)")
+    p.add_argument("--ssl-keyfile", help="serve HTTPS with this private key (PEM)")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     add_engine_arguments(p)
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="sequences (n per request) that may wait beyond what the scheduler can start at once; more get 503")
@@ -48,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat: take tools, tool_calls and tool messages; read the model's tool calls with this parser")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="chat: tool_choice \"auto\" (the default with tools) returns the model's tool calls; needs --tool-call-parser")
-    p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH", help="adapters to load at start-up (turns on --enable-lora)")
+    p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH",
+                   help="adapters to load at start-up (turns on --enable-lora): NAME=PATH, or vLLM's JSON form "
+                        '\'{"name": "sql", "path": "/a/sql", "base_model_name": "MODEL"}\'')
     p.add_argument("--allow-runtime-lora", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--lora-root", help="runtime adapter paths must lie inside this folder")
 
@@ -60,6 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     from hylo.server.async_engine import AsyncEngine, default_prompt_threads
     from hylo.server.metrics import Metrics
     from hylo.server.protocol import ADAPTER_NAME, ADAPTER_NAME_RULE
+    from hylo.server.serve_options import check_ssl_files, load_chat_template, parse_lora_module
 
     class Server(uvicorn.Server):
         """uvicorn's server, with hylo's shutdown: end the requests first (error events, 503s) so that the
@@ -75,14 +86,25 @@ def serve(args: argparse.Namespace) -> int:
             state.engine.close("the server is shutting down")
             await super().shutdown(sockets=sockets)
 
-    model, modules = args.model, dict(m.split("=", 1) for m in args.lora_modules)
+    model, parsed = args.model, [parse_lora_module(m) for m in args.lora_modules]
+    modules = {m.name: m.path for m in parsed}
     if model is None:
         from hylo.demo import ADAPTER_DIRS, BASE_DIR
 
         model, modules = str(BASE_DIR), modules or {n: str(p) for n, p in ADAPTER_DIRS.items()}
+    served_names = args.served_model_name or [Path(model).name]
+    for m in parsed:
+        if m.base_model_name is not None and m.base_model_name not in served_names:
+            raise ValueError(f"--lora-modules: adapter {m.name!r} names base_model_name {m.base_model_name!r}, which this server does not "
+                             f"serve; its --served-model-name: {', '.join(served_names)}")
     for name in modules:
         if not ADAPTER_NAME.fullmatch(name):
             raise ValueError(f"--lora-modules: adapter name {name!r} must be {ADAPTER_NAME_RULE}")
+    clash = sorted(set(modules) & set(served_names))
+    if clash:
+        raise ValueError(f"--lora-modules: adapter name {clash[0]!r} is also a --served-model-name; give it another name")
+    chat_template = load_chat_template(args.chat_template) if args.chat_template is not None else None
+    check_ssl_files(args.ssl_keyfile, args.ssl_certfile)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (qwen3_coder for Qwen3.5)")
     if args.allow_runtime_lora and not args.lora_root:
@@ -92,6 +114,11 @@ def serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} is out of range")
     enable_lora = args.enable_lora or bool(modules) or args.allow_runtime_lora
     engine = LLMEngine(engine_config_from(args, model=model, enable_lora=enable_lora))
+    if chat_template is not None:
+        if engine.tokenizer is None:
+            engine.shutdown()
+            raise ValueError(f"--chat-template: '{model}' has no tokenizer to render chat with")
+        engine.tokenizer.chat_template = chat_template  # before the prompt workers copy the tokenizer
     server: Server | None = None
 
     def on_failure(reason: str) -> None:
@@ -108,18 +135,22 @@ def serve(args: argparse.Namespace) -> int:
 
     state = ServerState(
         AsyncEngine(engine, args.max_waiting, Metrics(), on_failure, default_prompt_threads()),
-        args.served_model_name or Path(model).name, model, args.api_key,
+        served_names[0], model, args.api_key,
         Path(os.path.realpath(args.lora_root)) if args.allow_runtime_lora else None,
         max_request_bytes=args.max_request_bytes, trust_request_chat_template=args.trust_request_chat_template,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser, auto_tool_choice=args.enable_auto_tool_choice,
+        served_aliases=tuple(served_names[1:]), log_requests=not args.disable_log_requests,
     )
     try:
         for name, path in modules.items():
             request = LoRARequest(name, next(state.ids), path)
             engine.add_lora(request)
             state.adapters[name] = request
-        log.info("serving %s (adapters: %s) on http://%s:%d", state.served_name, ", ".join(state.adapters) or "none", args.host, args.port)
-        config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+        scheme = "https" if args.ssl_certfile else "http"
+        log.info("serving %s (adapters: %s) on %s://%s:%d", ", ".join(state.served_names), ", ".join(state.adapters) or "none", scheme,
+                 args.host, args.port)
+        config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5,
+                                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
         server = Server(config)
         server.run()
     finally:
