@@ -13,6 +13,9 @@ from hylo.structured.params import StructuredOutputsParams
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily
 MAX_TOP_K = 2**31 - 1  # any top_k >= the vocabulary keeps every token
 MAX_BAD_WORDS = 256  # each is matched against the output's end before every token
+# Bad words are tokenized when their request is added, on the engine thread (256 words of 60 kB took 10 s, every
+# stream held up meanwhile); a word is a word or a phrase, not a document.
+MAX_BAD_WORD_CHARS = 1024
 MAX_STOPS = 256  # every stop string is searched for after every token: bound the work one request can ask for
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, child, step) over the generator's seed space
 
@@ -48,6 +51,7 @@ class SamplingParams:
         """Normalize `stop` / `stop_token_ids` to lists (duplicate stop token ids dropped) and check every field;
         InvalidParam naming the first field out of range. Run when made, and again by the engine when a request
         is added (a dataclass can be changed after it was made)."""
+        self.__dict__.pop("_tensors", None)  # made by the sampler from the fields as they were (_tensors)
         for name in ("stop", "stop_token_ids"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, list, tuple)) or isinstance(value, str) and name == "stop_token_ids":
@@ -80,8 +84,8 @@ class SamplingParams:
                                                                               and all(_whole(t) and t >= 0 for t in self.allowed_token_ids)),
              "must be None or a non-empty list of token ids (integers >= 0)"),
             ("bad_words", lambda: self.bad_words is None or (isinstance(self.bad_words, (list, tuple)) and len(self.bad_words) <= MAX_BAD_WORDS
-                                                              and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
-             f"must be None or a list of at most {MAX_BAD_WORDS} strings, none of them empty or only whitespace"),
+                                                              and all(isinstance(w, str) and w.strip() and len(w) <= MAX_BAD_WORD_CHARS for w in self.bad_words)),
+             f"must be None or a list of at most {MAX_BAD_WORDS} strings, none of them empty, only whitespace or over {MAX_BAD_WORD_CHARS} characters"),
             ("structured_outputs", lambda: self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
              "must be None or a StructuredOutputsParams(json=..., regex=..., choice=..., grammar=..., json_object=True)"),
         ]
@@ -181,9 +185,10 @@ def _restrict(logits: torch.Tensor, inputs: list[SampleInput]) -> None:
     restricted = False
     for row, inp in enumerate(inputs):
         p = inp.params
-        if p.allowed_token_ids is not None:
+        allowed, bias_ids, biases = _tensors(p, logits.device)
+        if allowed is not None:
             keep = torch.full((logits.shape[1],), float("-inf"), device=logits.device)
-            keep[p.allowed_token_ids] = 0.0
+            keep[allowed] = 0.0
             logits[row] += keep
         banned = list(inp.banned)
         for word in inp.bad_words:  # vLLM's rule: the word's last token, where the output ends with the tokens before it
@@ -192,9 +197,8 @@ def _restrict(logits: torch.Tensor, inputs: list[SampleInput]) -> None:
                 banned.append(word[-1])
         if banned:
             logits[row, banned] = float("-inf")
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        if bias_ids is not None:
+            logits[row, bias_ids] += biases.to(logits.dtype)
         restricted = restricted or bool(banned) or p.allowed_token_ids is not None or inp.token_bitmask is not None
     if restricted:
         alive = (logits > float("-inf")).any(dim=-1).tolist()
@@ -205,6 +209,19 @@ def _restrict(logits: torch.Tensor, inputs: list[SampleInput]) -> None:
                                             ("bad_words", bool(inp.bad_words)), ("min_tokens (holding back the stop tokens)", bool(inp.banned))) if on]
             raise NoTokenAllowed(f"no token may come next after {len(inp.output_ids)} generated tokens: {' and '.join(limits)} "
                                  f"leave none (a grammar at a dead end, or constraints that contradict each other)")
+
+
+def _tensors(p: SamplingParams, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """allowed_token_ids, logit_bias's ids and its biases as tensors, made once per params rather than for every row
+    at every step: a vocabulary-wide list took ~100 ms a row a step, so one request with n=128 slowed every step
+    of the batch by seconds. validate() drops them, with the values they were made from."""
+    cached = p.__dict__.get("_tensors")
+    if cached is None or cached[0] != device:
+        allowed = torch.tensor(p.allowed_token_ids, dtype=torch.long, device=device) if p.allowed_token_ids is not None else None
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=device) if p.logit_bias else None
+        biases = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=device) if p.logit_bias else None
+        cached = p.__dict__["_tensors"] = (device, allowed, ids, biases)
+    return cached[1:]
 
 
 def _apply_penalties(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:

@@ -53,3 +53,11 @@ def test_snapshot_entries_are_evicted_least_recently_used_first():
     pool.register(b"z", first)
     pool.register(b"z", second)  # another entry took the key meanwhile: this one goes back
     assert pool.lookup(b"z") == first and pool.num_used == 1
+
+
+def test_a_snapshot_entry_given_back_unregistered_is_free_again():
+    pool = SnapshotPool(1)
+    entry = pool.take()  # a decoding sequence's rolling snapshot, dropped before it is published
+    assert pool.take() is None
+    pool.give(entry)
+    assert pool.num_used == 0 and pool.take() == entry

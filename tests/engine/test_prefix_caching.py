@@ -55,6 +55,7 @@ def assert_nothing_held(llm):
     assert scheduler.blocks.num_free == scheduler.blocks.size and not any(prefix.blocks.refs)
     assert scheduler.slots.num_free == scheduler.slots.size
     assert not prefix.tracks and not prefix.pending and not prefix.blocks_ahead and not prefix.snapshots_ahead
+    assert not prefix.rolling and not prefix.writing
     assert prefix.snapshots.free.num_free + len(prefix.snapshots.entry_of) == prefix.snapshots.size
 
 
@@ -147,6 +148,152 @@ def test_a_conversation_prefills_only_what_each_turn_adds(checkpoints, engines):
         if turn:  # resumed at the last block boundary the previous turn computed: recomputes at most a block of it
             assert computed <= len(new) + BLOCK
         history = prompt + output
+    assert_nothing_held(llm)
+
+
+def ending_by_stop_token(reference, prompt, at) -> SamplingParams:
+    """Greedy params whose answer to `prompt` ends by a stop token (as a chat answer ends by EOS), `at` tokens or more
+    in: the first token of the greedy answer from there on that it has not emitted before."""
+    probe = greedy_answer(reference, prompt, at + 30)
+    stop = next(t for k, t in enumerate(probe) if k >= at and t not in probe[:k])
+    return SamplingParams(temperature=0, max_tokens=at + 30, ignore_eos=True, stop_token_ids=[stop], logprobs=2)
+
+
+def ending_by_stop_string(reference, prompt, at) -> SamplingParams:
+    """Greedy params whose answer to `prompt` ends by a stop string, `at` tokens or more in: the text of the first
+    token from there on whose text (two characters or more) the answer has not shown before."""
+    probe, decode = greedy_answer(reference, prompt, at + 30), reference.llm_engine.tokenizer.decode
+    for k in range(at, len(probe)):
+        before, text = decode(probe[:k]), decode(probe[k : k + 1])
+        if len(text) > 1 and "\ufffd" not in text and text not in before + text[:-1]:
+            return SamplingParams(temperature=0, max_tokens=at + 30, ignore_eos=True, stop=[text], logprobs=2)
+    raise AssertionError("no token with a text of its own in the probe")
+
+
+def greedy_answer(llm, prompt, max_tokens) -> list[int]:
+    return generate(llm, [prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))[0].outputs[0].token_ids
+
+
+def converse(reference, llm, news, ending, at=2 * BLOCK) -> list[int]:
+    """Turns that each resend the history (prompts and answers, as a chat template closes each turn with its end
+    token) plus new tokens, every answer ended by `ending` (at least `at` tokens long); each turn's tokens and logprobs
+    are the uncached engine's. The tokens each turn computed, besides its decode steps."""
+    counter, history, computed = ComputedTokens(llm), [], []
+    for new in news:
+        prompt = history + new
+        params = ending(reference, prompt, at)
+        expected = generate(reference, [prompt], params)
+        computed.append(counter.during(lambda: assert_same(generate(llm, [prompt], params), expected)))
+        output = expected[0].outputs[0]
+        assert output.finish_reason == "stop" and len(output.token_ids) > at
+        computed[-1] -= len(output.token_ids) - 1
+        history = prompt + output.token_ids
+    return computed
+
+
+@pytest.mark.parametrize("ending", [ending_by_stop_token, ending_by_stop_string])
+def test_a_conversation_whose_answers_end_by_a_stop_resumes_at_the_end_of_each_answer(ending, checkpoints, engines):
+    reference, llm = engines("dense"), cached_engine(checkpoints)
+    news = random_prompts([40, 23, 31, 18, 27], seed=46)
+    computed = converse(reference, llm, news, ending)
+    # Each turn resumes from the rolling snapshot the previous answer published: a block of it at most is computed
+    # again (without it, the whole answer of 32 tokens or more would be).
+    assert all(c <= len(new) + BLOCK for c, new in zip(computed[1:], news[1:], strict=True))
+    assert_nothing_held(llm)
+
+
+def test_a_conversation_with_tensor_parallelism_equals_the_uncached_engine(checkpoints, engines):
+    llm = cached_engine(checkpoints, "moe", tensor_parallel_size=2)
+    news = random_prompts([37, 21, 26], seed=47)
+    try:
+        computed = converse(engines("moe"), llm, news, ending_by_stop_token)
+        assert_nothing_held(llm)
+    finally:
+        llm.llm_engine.shutdown()
+    assert all(c <= len(new) + BLOCK for c, new in zip(computed[1:], news[1:], strict=True))
+
+
+def step_until(engine, done) -> None:
+    while not done():
+        assert engine.has_unfinished_requests()
+        engine.step()
+
+
+def rolling(prefix, seq) -> int | None:
+    """The rolling snapshot entry `seq` holds."""
+    return prefix.tracks[seq].rolling if seq in prefix.tracks else None
+
+
+def test_parallel_samples_each_publish_their_own_answer(checkpoints, engines):
+    llm = cached_engine(checkpoints)
+    engine, prefix = llm.llm_engine, llm.llm_engine.scheduler.prefix
+    prompt, new = random_prompts([30, 20], seed=48)
+    # Each answer ends by length with 89 tokens computed: its next turn resumes at 80 from the answer's own rolling
+    # snapshot (the grid's, at 64, would leave more than a block to compute).
+    params = SamplingParams(temperature=1.0, n=2, max_tokens=60, ignore_eos=True, seed=9)
+    engine.add_request("r", {"prompt_token_ids": prompt}, params)
+    children = engine.requests["r"].sequences
+    step_until(engine, lambda: all(rolling(prefix, c) is not None for c in children))
+    assert rolling(prefix, children[0]) != rolling(prefix, children[1])  # each its own entry, never one for both
+    answers = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            answers = {c.index: c.token_ids for c in out.outputs}
+    expected = generate(engines("dense"), [prompt], params)[0].outputs
+    assert [answers[0], answers[1]] == [c.token_ids for c in expected] and answers[0] != answers[1]
+    assert_nothing_held(llm)
+    counter, greedy = ComputedTokens(llm), SamplingParams(temperature=0, max_tokens=1)
+    for answer in answers.values():  # each answer's next turn resumes within a block of that answer's end
+        assert counter.during(lambda: generate(llm, [prompt + answer + new], greedy)) <= len(new) + BLOCK
+
+
+def test_an_aborted_request_publishes_nothing(checkpoints):
+    llm = cached_engine(checkpoints)
+    engine, prefix = llm.llm_engine, llm.llm_engine.scheduler.prefix
+    prompt = random_prompts([30], seed=49)[0]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine.add_request("gone", {"prompt_token_ids": prompt}, params)
+    seq = engine.requests["gone"].sequences[0]
+    step_until(engine, lambda: rolling(prefix, seq) is not None)
+    step_until(engine, lambda: seq.num_computed > prefix.tracks[seq].rolled)
+    cached = dict(prefix.snapshots.entry_of)
+    engine.abort_request("gone")
+    assert prefix.snapshots.entry_of == cached
+    assert_nothing_held(llm)
+
+
+def test_rolling_snapshots_under_a_tiny_snapshot_pool_give_way(checkpoints, engines):
+    reference = engines("dense")
+    shapes, dtype = reference.llm_engine.model.cache_shapes(), reference.llm_engine.dtype
+    slot, block = shapes.slot_bytes(dtype), shapes.block_bytes(BLOCK, dtype)
+    # Eight state slots and two snapshots for eight sequences decoding at once, more arriving as they go.
+    llm = cached_engine(checkpoints, kv_cache_memory_bytes=block + 21 * slot - 1, max_model_len=128, max_num_seqs=8)
+    engine, prefix = llm.llm_engine, llm.llm_engine.scheduler.prefix
+    assert (engine.scheduler.slots.size, prefix.snapshots.size) == (8, 2)
+    taken = []
+    take_rolling = prefix._take_rolling
+
+    def record():
+        taken.append(take_rolling())
+        return taken[-1]
+
+    prefix._take_rolling = record
+    prompts = random_prompts([20, 37, 25, 41, 18, 33, 29, 35, 22, 39, 27, 31], seed=50)
+    params = SamplingParams(temperature=0, max_tokens=45, ignore_eos=True, logprobs=2)
+    answers = {}
+
+    def step(times):
+        for _ in range(times):
+            answers.update({out.request_id: out for out in engine.step() if out.finished})
+
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+        if i % 4 == 3:
+            step(20)  # the next ones arrive while these decode
+    while engine.has_unfinished_requests():
+        step(1)
+    assert_same([answers[str(i)] for i in range(len(prompts))], generate(reference, prompts, params))
+    assert any(entry is not None for entry in taken)  # a prompt's snapshot took a decoding sequence's entry
     assert_nothing_held(llm)
 
 

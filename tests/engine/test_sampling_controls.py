@@ -77,14 +77,38 @@ def test_the_bad_words_rule_matches_vllms():
         (dict(bad_words=["  "]), "bad_words"),
         (dict(bad_words="word"), "bad_words"),
         (dict(bad_words=["w"] * 257), "bad_words"),
+        (dict(bad_words=["ok", "\ud800"]), "bad_words"),  # a lone surrogate: no UTF-8 for the tokenizer
+        # Tokenized when the request is added, on the engine thread: 256 words of 60 kB held every stream up for 10 s.
+        (dict(bad_words=["word " * 1000]), "bad_words"),
         (dict(structured_outputs={"regex": "a"}), "structured_outputs"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(llm, controls, param):
-    with pytest.raises(InvalidParam) as e:  # when made, or (token ids beyond the vocabulary) when added
+    with pytest.raises(InvalidParam) as e:  # when made, or (token ids beyond the vocabulary, words the tokenizer cannot take) when added
         llm.generate(PROMPT, SamplingParams(max_tokens=2, **controls))
     assert e.value.param == param
     assert not llm.llm_engine.has_unfinished_requests()
+    assert not llm.llm_engine.scheduler.waiting and not llm.llm_engine.scheduler.running  # no sequence of it left to run
+
+
+def test_vocabulary_wide_controls_become_tensors_once():
+    """allowed_token_ids and logit_bias over a Qwen3.5-sized vocabulary, one request with n=64: the lists become
+    tensors once, not for every row at every step (which took 7 s a step, for the whole batch; timed on a shared
+    machine it is too noisy to assert, so the tensors' reuse is checked)."""
+    from hylo.sampling import _tensors
+
+    vocab = 248320
+    params = SamplingParams(temperature=0, allowed_token_ids=list(range(vocab)), logit_bias={t: 1.0 for t in range(0, vocab, 2)})
+    logits = torch.randn(64, vocab)
+    inputs = [SampleInput(params, [1], [2], child) for child in range(64)]
+    tokens = sample(logits, inputs).token_ids
+    made = _tensors(params, logits.device)
+    assert tokens == (logits + torch.tensor([1.0, 0.0]).repeat(vocab // 2)).argmax(dim=-1).tolist()
+    sample(logits, inputs)
+    assert all(a is b for a, b in zip(_tensors(params, logits.device), made))  # the next step reuses them
+    params.logit_bias = {5: 100.0}
+    params.validate()  # changed and checked again (as when the request is added): the tensors follow
+    assert set(sample(logits, inputs).token_ids) == {5}
 
 
 def _contains(tokens: list[int], word: list[int]) -> bool:

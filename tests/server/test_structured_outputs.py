@@ -217,6 +217,24 @@ def test_a_schema_of_10k_properties_compiles_in_bounded_time_off_the_step_loop(s
     assert big.result().json()["choices"][0]["text"].startswith("{")
 
 
+def test_many_tools_become_a_grammar_off_the_event_loop(server):
+    """Turning 1,500 strict tools into their grammar takes seconds (then refused: too large): on a worker thread, so
+    the server answers others meanwhile."""
+    tools = [{"type": "function", "function": {"name": f"f{i}", "strict": True, "parameters": {"type": "object", "properties": {
+        f"p{j}": {"type": "string", "pattern": f"x{i}y{j}[a-z]{{{j}}}"} for j in range(20)}}}} for i in range(1500)]
+    body = {"model": "q", "messages": MESSAGES, "tools": tools, "tool_choice": "required", "max_tokens": 4, **NO_THINKING}
+    latencies = []
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(post, server, "/v1/chat/completions", body)
+        while not big.done():
+            start = time.monotonic()
+            assert httpx.get(server.url + "/health", timeout=60).status_code == 200
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.05)
+    assert big.result().status_code == 400 and big.result().json()["error"]["param"] == "tools"
+    assert len(latencies) > 5 and max(latencies) < 1.0, latencies
+
+
 def test_tool_choice_with_a_schema_xgrammar_refuses_is_a_400(server):
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "wat"}}}}}
     with pytest.raises(openai.BadRequestError) as e:

@@ -108,3 +108,12 @@ def test_a_model_vocabulary_wider_than_the_tokenizer_masks_the_padding():
         assert allowed and max(allowed) < TEXT["vocab_size"]
     finally:
         compiler.close()
+
+
+def test_source_locations_are_cut_inside_a_message_too():
+    """xgrammar nests its messages: "Failed to parse JSON: [03:33:15] /project/cpp/support/recursion_guard.h:36: ..."."""
+    from hylo.structured.compiler import xgrammar_message
+
+    message = xgrammar_message(RuntimeError("[03:33:14] /project/cpp/json_schema.cc:12: Failed to parse JSON: [03:33:15] "
+                                            "/project/cpp/support/recursion_guard.h:36: Check failed: (depth < 10000) is false: too deep"))
+    assert message == "Failed to parse JSON: too deep"

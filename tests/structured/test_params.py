@@ -1,5 +1,7 @@
 """StructuredOutputsParams: vLLM's names, one constraint at a time, refusals naming the field."""
 
+import json
+
 import pytest
 
 from hylo import SamplingParams, StructuredOutputsParams
@@ -40,12 +42,20 @@ def _nested(depth: int) -> dict:
         (dict(regex="a" * (MAX_SPEC_CHARS + 1)), "structured_outputs.regex"),
         (dict(regex="a", disable_any_whitespace="yes"), "structured_outputs.disable_any_whitespace"),
         (dict(json=_nested(5000)), "structured_outputs.json"),  # too deep for json.dumps: RecursionError, not a ValueError
+        (dict(json=_nested(70)), "structured_outputs.json"),  # 140 JSON levels: compiling would take seconds
+        (dict(json=json.dumps(_nested(70))), "structured_outputs.json"),
     ],
 )
 def test_refusals_name_the_field(fields, param):
     with pytest.raises(InvalidParam) as e:
         StructuredOutputsParams(**fields)
     assert e.value.param == param
+
+
+def test_a_schema_nested_up_to_the_limit_is_taken():
+    StructuredOutputsParams(json=_nested(60))
+    StructuredOutputsParams(json=json.dumps(_nested(60)))
+    StructuredOutputsParams(json="{not json")  # xgrammar names what is wrong, when compiling
 
 
 def test_sampling_params_take_only_structured_outputs_params():

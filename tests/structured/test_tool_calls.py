@@ -74,3 +74,22 @@ def test_a_schema_xgrammar_refuses_names_the_tools():
     with pytest.raises(InvalidParam) as e:
         tool_call_constraint([bad], "required", thinking=False)
     assert e.value.param == "tools"
+
+
+def test_tools_whose_grammar_is_too_large_are_refused_naming_the_tools():
+    """The grammar is made from the tools, not sent: its size is the tools' doing, and the message says so."""
+    tools = [{"type": "function", "function": {"name": f"f{i}", "strict": True, "parameters": {
+        "type": "object", "properties": {f"p{j}": {"type": "string", "pattern": f"x{i}y{j}[a-z]{{{j}}}"} for j in range(20)}}}} for i in range(60)]
+    with pytest.raises(InvalidParam) as e:
+        tool_call_constraint(tools, "required", thinking=False)
+    assert e.value.param == "tools" and "structured_outputs" not in str(e.value) and "fewer" in str(e.value)
+
+
+def test_a_tool_schema_nested_too_deeply_is_refused_naming_it():
+    parameters = {"type": "object"}
+    for _ in range(70):
+        parameters = {"type": "object", "properties": {"a": parameters}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    with pytest.raises(InvalidParam) as e:
+        tool_call_constraint([WEATHER, tool], "required", thinking=False)
+    assert e.value.param == "tools[1].function.parameters" and "nests deeper" in str(e.value)

@@ -77,7 +77,9 @@ class CachedBlocks:
 class SnapshotPool:
     """Entries of the snapshot tensors, each holding every GDN layer's conv window and recurrent state at one block
     boundary, found by that block's hash. An entry is copied into a sequence's state slot when it is admitted (before
-    that step's forward), so none is ever held by a sequence: all registered entries are evictable."""
+    that step's forward), so none is held by a sequence it was restored into: all registered entries are evictable.
+    The one entry a decoding sequence may hold (its rolling snapshot, not registered yet) is `PrefixCache`'s to give
+    back or take away."""
 
     def __init__(self, size: int):
         self.size = size
@@ -103,6 +105,10 @@ class SnapshotPool:
             _, entry = self.entry_of.popitem(last=False)
             return entry
         return self.free.take(1)[0]
+
+    def give(self, entry: int) -> None:
+        """A taken entry that will not be registered is free again."""
+        self.free.give([entry])
 
     def register(self, key: bytes, entry: int) -> None:
         """The step has written `entry`: findable from now on (or freed, if another entry took the key meanwhile)."""

@@ -168,6 +168,8 @@ class LLMEngine:
             raise InvalidParam("prompt", f"prompt token ids must be in [0, {vocab}); got {[t for t in ids if not 0 <= t < vocab][:5]}")
         if len(ids) >= self.max_model_len:
             raise InvalidParam("prompt", f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}; shorten it")
+        # Before anything is started or scheduled for the request, so that a word the tokenizer refuses leaves nothing behind.
+        bad_words_ids = self._bad_words_ids(params.bad_words or [])
         if lora_request is not None:  # read in the background if it is not in memory; the request waits for it
             self.start_lora(lora_request, lambda why: None)  # a refusal fails the request in poll_adapters
         eos = [] if params.ignore_eos else self.eos_ids
@@ -184,7 +186,7 @@ class LLMEngine:
             request.sequences.append(seq)
             if grammar is None:
                 self.scheduler.add(seq)
-        request.bad_words_ids = self._bad_words_ids(params.bad_words or [])
+        request.bad_words_ids = bad_words_ids
         self.requests[request_id] = request
         if grammar is not None:  # its sequences are scheduled once the grammar is compiled (at once when cached)
             request.grammar = grammar
@@ -265,7 +267,11 @@ class LLMEngine:
         """Each bad word as token ids, as vLLM spells them: as written (leading spaces dropped), and with one
         leading space where that is a different first token of the same length (a word inside the text)."""
         out: list[list[int]] = []
-        for word in words:
+        for i, word in enumerate(words):
+            try:
+                word.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidParam("bad_words", f"bad_words[{i}] is not valid Unicode: a lone UTF-16 surrogate ({word[e.start]!r}) at character {e.start}") from None
             alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
             spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
             out += [alone] if alone else []  # a tokenizer may drop what it cannot spell
@@ -423,7 +429,7 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.detokenizer is not None and reason in ("stop", "length") and not isinstance(stop_reason, str):
             seq.text += seq.detokenizer.flush()
-        self.scheduler.finish(seq)
+        self.scheduler.finish(seq, publish=reason in ("stop", "length"))  # an aborted or failed answer is not resent
         if seq.lora_id is not None:
             self.lora.reference(seq.lora_id, -1)
 

@@ -9,9 +9,13 @@ Snapshots are taken where a later sequence is likely to want one (docs/architect
     short of its end, by every later sequence, whoever computed it first);
   - the branch point: the end of the cached KV a sequence matched, when it lies beyond the snapshot it resumed from
     (another sequence computed these blocks, so the prefix is shared: later sequences resume exactly there);
-  - the last block boundary before its last token (a repeat of the prompt), and, for a sequence with max_tokens,
-    the last one it computes if it ends by length (the next turn of a conversation resends prompt and answer).
+  - the last block boundary before its last token (a repeat of the prompt).
 A prefill chunk ends at each of these points, since the kernels give the state only at the end of a chunk.
+Besides, a step that samples (a decode step, or a prompt's last chunk) and ends at a block boundary saves the state
+into the one entry its sequence holds, its rolling snapshot, in place of the one it held before; when the sequence
+finishes by EOS, a stop or its length, that entry is published under its boundary's key: the next turn of a
+conversation, which resends prompt and answer, resumes at most a block short of the answer's end. A snapshot of the
+kinds above that finds no free or cached entry takes a rolling one (whose sequence then publishes nothing).
 
 A waiting sequence waits, rather than compute a second time, while a running sequence is computing the first block
 it does not find cached, or will snapshot a point beyond the snapshot it would resume from: requests that arrive
@@ -51,7 +55,9 @@ class Track:
     registered: int = 0  # leading blocks already findable (resumed from, or registered after computing)
     computing: int = 0  # once admitted: blocks registered..computing-1 are announced as being computed
     snapshots_ahead: list[tuple[int, bytes]] = field(default_factory=list)  # (position, key) of announced snapshots
-    stops: list[int] = field(default_factory=list)  # branch point, last boundaries, while ahead: snapshots off the grid
+    stops: list[int] = field(default_factory=list)  # branch point, last boundary, while ahead: snapshots off the grid
+    rolling: int | None = None  # the snapshot entry it holds (not registered): the state at position `rolled`
+    rolled: int = 0
 
 
 class PrefixCache:
@@ -62,6 +68,8 @@ class PrefixCache:
         self.interval = interval
         self.tracks: dict[Sequence, Track] = {}
         self.pending: list[tuple[bytes, int]] = []  # (key, entry) snapshots this step writes
+        self.rolling: dict[int, Track] = {}  # entry → books of the sequence holding it, least recently saved first
+        self.writing: set[int] = set()  # rolling entries this step writes (none may be taken from its holder)
         # key → running sequences that will compute that block of their prompt / snapshot the state at its end
         self.blocks_ahead: dict[bytes, int] = {}
         self.snapshots_ahead: dict[bytes, int] = {}
@@ -111,12 +119,9 @@ class PrefixCache:
         track.registered = resumed
         track.computing = resumable
         _add(self.blocks_ahead, track.hashes[resumed:resumable], +1)
-        # The last position computed if it ends by length: the token sampled last is never computed.
-        answered = (len(seq.request.prompt_ids) + seq.params.max_tokens - 1) // bs * bs if seq.params.max_tokens else 0
-        track.stops = sorted({p for p in (matched * bs, resumable * bs, answered) if p > resumed * bs})
+        track.stops = sorted({p for p in (matched * bs, resumable * bs) if p > resumed * bs})
         grid = range((resumed * bs // self.interval + 1) * self.interval, resumable * bs + 1, self.interval)
-        known = [p for p in {*track.stops, *grid} if p <= resumable * bs]  # the answer's keys are not known yet
-        track.snapshots_ahead = [(p, track.hashes[p // bs - 1]) for p in sorted(known)]
+        track.snapshots_ahead = [(p, track.hashes[p // bs - 1]) for p in sorted({*track.stops, *grid})]
         _add(self.snapshots_ahead, [key for _, key in track.snapshots_ahead], +1)
         return entry
 
@@ -146,25 +151,57 @@ class PrefixCache:
 
     def plan_snapshot(self, seq: Sequence, n: int) -> int | None:
         """The snapshot entry to write `seq`'s state into once the step computes its next `n` tokens, if that ends at a
-        snapshot point that has none yet (and an entry can be had)."""
+        block boundary that has no snapshot yet and is a snapshot point or sampled from (its rolling snapshot), and an
+        entry can be had."""
         track, end, bs = self.tracks[seq], seq.num_computed + n, self.block_size
-        if end % bs or not (end % self.interval == 0 or end in track.stops):
+        kept = end % self.interval == 0 or end in track.stops
+        if end % bs or not (kept or end == seq.num_tokens):
             return None
         track.stops = [p for p in track.stops if p > end]
         extend_hashes(track.hashes, track.seed, seq, end // bs, bs)
         key = track.hashes[end // bs - 1]
+        self._drop_rolling(track)  # the state at an earlier boundary, which this one supersedes
         if key in self.snapshots.entry_of:
             return None
+        if not kept:
+            return self._roll(track, end)
         entry = self.snapshots.take()
+        if entry is None:
+            entry = self._take_rolling()
         if entry is not None:
             self.pending.append((key, entry))
         return entry
+
+    def _take_rolling(self) -> int | None:
+        """No entry is free or cached: the least recently saved rolling one that this step does not write, taken from
+        the sequence holding it (which then publishes nothing, unless it saves again), or None."""
+        entry = next((e for e in self.rolling if e not in self.writing), None)
+        if entry is not None:
+            self.rolling.pop(entry).rolling = None
+        return entry
+
+    def _roll(self, track: Track, end: int) -> int | None:
+        """`track`'s rolling snapshot at `end`: a free or cached entry (its own was just given back, so one is free
+        unless it held none), never another sequence's rolling one."""
+        entry = self.snapshots.take()
+        if entry is not None:
+            track.rolling, track.rolled = entry, end
+            self.rolling[entry] = track
+            self.writing.add(entry)
+        return entry
+
+    def _drop_rolling(self, track: Track) -> None:
+        if track.rolling is not None:
+            del self.rolling[track.rolling]
+            self.snapshots.give(track.rolling)
+            track.rolling = None
 
     def computed(self, seqs: list[Sequence]) -> None:
         """After a step ran (num_computed advanced): its snapshots and each sequence's newly full blocks become findable."""
         for key, entry in self.pending:
             self.snapshots.register(key, entry)
         self.pending = []
+        self.writing.clear()
         bs = self.block_size
         for seq in seqs:
             track = self.tracks[seq]
@@ -178,13 +215,19 @@ class PrefixCache:
             _add(self.snapshots_ahead, passed, -1)
             del track.snapshots_ahead[: len(passed)]
 
-    def forget(self, seq: Sequence) -> None:
+    def forget(self, seq: Sequence, publish: bool = False) -> None:
         """`seq` gave back its blocks and slot (finished, aborted or preempted), or left the queue: what it announced
-        is withdrawn."""
+        is withdrawn, and its rolling snapshot is published (`publish`: it finished by EOS, a stop or its length, after
+        the step that wrote it) or given back."""
         track = self.tracks.pop(seq, None)
         if track is not None:
             _add(self.blocks_ahead, track.hashes[track.registered : track.computing], -1)
             _add(self.snapshots_ahead, [key for _, key in track.snapshots_ahead], -1)
+            if publish and track.rolling is not None:
+                del self.rolling[track.rolling]
+                self.snapshots.register(track.hashes[track.rolled // self.block_size - 1], track.rolling)
+            else:
+                self._drop_rolling(track)
 
 
 def _add(counts: dict[bytes, int], keys: list[bytes], delta: int) -> None:

@@ -106,13 +106,14 @@ class Scheduler:
         if self.prefix is not None:
             self.prefix.computed([item.seq for item in step])
 
-    def finish(self, seq: Sequence) -> None:
-        """Return a finished or aborted sequence's blocks and slot at once."""
+    def finish(self, seq: Sequence, publish: bool = False) -> None:
+        """Return a finished or aborted sequence's blocks and slot at once; with `publish` (it ended by EOS, a stop or
+        its length), its rolling GDN snapshot becomes findable."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._release(seq)
+        self._release(seq, publish)
         seq.status = Status.FINISHED
 
     def _waits_for_prefix(self, seq: Sequence) -> bool:
@@ -156,7 +157,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, publish: bool = False) -> None:
         self.blocks.give(seq.block_ids)
         seq.block_ids = []
         if seq.state_slot is not None:
@@ -166,4 +167,4 @@ class Scheduler:
             self.lora.release(seq.lora_slot)
             seq.lora_slot = None
         if self.prefix is not None:
-            self.prefix.forget(seq)
+            self.prefix.forget(seq, publish)

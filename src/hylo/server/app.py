@@ -212,8 +212,8 @@ def build_app(state: ServerState) -> FastAPI:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         parsers = choice_parsers(state.reasoning_parser, state.tool_call_parser, prompt, body, tools, parse_tools)
         params = make_params(body, logprobs, state)
-        try:
-            constrain(body, tools, prompt, params, state.reasoning_parser)  # after the thinking; tool_choice "required"...
+        try:  # after the thinking; tool_choice "required"... On a prompt worker thread: many tools' grammar takes seconds to make
+            await state.engine.prompts.run(lambda _: constrain(body, tools, prompt, params, state.reasoning_parser), large=bool(tools))
         except InvalidParam as e:
             raise ApiError(400, str(e), e.param) from None
         return await respond(state, body, lora, [prompt], params, chat=True, request=request, parsers=parsers)

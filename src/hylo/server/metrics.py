@@ -27,7 +27,7 @@ GAUGES = {
     "hylo_adapter_slots_used": "Device adapter slots holding an adapter",
     "hylo_adapter_slots_total": "Device adapter slots",
     "hylo_prefix_cache_blocks": "KV blocks holding a cached prefix, in use or not (prefix caching)",
-    "hylo_prefix_cache_snapshots_used": "GDN state snapshots holding a cached prefix's state (prefix caching)",
+    "hylo_prefix_cache_snapshots_used": "GDN state snapshots holding a cached prefix's state or a decoding sequence's (prefix caching)",
     "hylo_prefix_cache_snapshots_total": "GDN state snapshot entries (prefix caching)",
 }
 

@@ -87,6 +87,13 @@ def serve(args: argparse.Namespace) -> int:
             await super().shutdown(sockets=sockets)
 
     model, parsed = args.model, [parse_lora_module(m) for m in args.lora_modules]
+    if "" in (args.served_model_name or []):
+        raise ValueError("--served-model-name: a name must not be empty")
+    # Each name once: a repeated adapter would silently keep only its last path, a repeated model name be listed twice.
+    for flag, names in (("--lora-modules: adapter name", [m.name for m in parsed]), ("--served-model-name:", args.served_model_name or [])):
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise ValueError(f"{flag} {twice!r} is given twice; give each name once")
     modules = {m.name: m.path for m in parsed}
     if model is None:
         from hylo.demo import ADAPTER_DIRS, BASE_DIR

@@ -22,8 +22,9 @@ THREADS = 2  # compiles at once; each also uses xgrammar's own threads
 # JSON's free whitespace comes in runs of at most this many characters (4 levels of 4-space indentation):
 # a model cannot loop on spaces until max_tokens, as models do under vLLM's unbounded `any_whitespace`.
 MAX_WHITESPACE_RUN = 16
-# xgrammar's messages start with where in its C++ sources they were raised: "[02:04:32] /project/cpp/x.cc:83: ".
-_SOURCE_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
+# xgrammar's messages start with where in its C++ sources they were raised: "[02:04:32] /project/cpp/x.cc:83: ", and a
+# message may wrap another that starts so ("Failed to parse JSON: [02:04:32] /project/cpp/...").
+_SOURCE_PREFIX = re.compile(r"\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
 # xgrammar 0.2 writes a string with minLength/maxLength as characters of this class, which lets raw control
 # characters (U+0000 to U+001F but CR and LF) through: JSON parsers refuse such strings. hylo narrows the class
 # to what JSON allows unescaped.

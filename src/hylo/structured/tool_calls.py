@@ -22,7 +22,7 @@ import re
 
 from hylo.errors import InvalidParam
 from hylo.structured.compiler import MAX_WHITESPACE_RUN, xgrammar_message
-from hylo.structured.params import StructuredOutputsParams
+from hylo.structured.params import MAX_SPEC_CHARS, StructuredOutputsParams, check_depth
 
 
 def tool_call_constraint(
@@ -35,6 +35,8 @@ def tool_call_constraint(
     strict = [t for t in tools if t["function"].get("strict") is True]
     if tool_choice == "none" or (tool_choice == "auto" and not strict):
         return None
+    for i, tool in enumerate(tools):  # compiling grows with the cube of a schema's depth, as for response_format
+        check_depth(tool["function"].get("parameters"), f"tools[{i}].function.parameters")
     if tool_choice == "auto":  # only the strict tools' arguments are held to their schemas
         tools = [t if t in strict else {**t, "function": {**t["function"], "strict": False}} for t in tools]
     try:
@@ -45,7 +47,11 @@ def tool_call_constraint(
         grammar = str(xgr.Grammar.from_structural_tag(tag.model_dump_json()))
     except Exception as e:  # a parameter schema xgrammar cannot take
         raise InvalidParam("tools", f"the tools cannot be turned into a tool-call grammar: {xgrammar_message(e)}") from None
-    return StructuredOutputsParams(grammar=_value_newlines(grammar))
+    grammar = _value_newlines(grammar)
+    if len(grammar) > MAX_SPEC_CHARS:  # made from the tools: they are what the request must cut
+        raise InvalidParam("tools", f"the tools make a tool-call grammar of {len(grammar)} characters; hylo compiles constraints of up to "
+                                    f"{MAX_SPEC_CHARS}: send fewer tools, or smaller parameter schemas")
+    return StructuredOutputsParams(grammar=grammar)
 
 
 # In xgrammar's EBNF for the qwen_xml style: `">" whitespace_12{0, 16} VALUE whitespace_13{0, 16} "</parameter>"`.
