@@ -107,3 +107,19 @@ def test_prompt_logprobs_survive_preemption(checkpoints, engines, hf_models):
         small.shutdown()
     for prompt, out in zip(prompts, outs):
         assert_matches(out.prompt_logprobs, prompt, hf_prompt_logprobs(hf_models("dense"), prompt), k=1)
+
+
+def test_a_step_adds_at_most_max_num_seqs_rows_of_prompt_logits(engines, hf_models, monkeypatch):
+    """The device keeps room for about max_num_seqs rows of logits: longer prompts that ask for prompt logprobs
+    prefill in chunks of that many rows per step, and their logprobs are still HF's."""
+    from hylo.engine import engine as engine_module
+
+    rows = []
+    prepare = engine_module.prepare_step
+    monkeypatch.setattr(engine_module, "prepare_step", lambda *a: rows.append(len((step := prepare(*a)).logits_indices)) or step)
+    llm = engines("dense", max_num_seqs=4)
+    prompts = random_prompts([30, 19], seed=8)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1))
+    assert max(rows) <= 4 + 2, "prompt rows within max_num_seqs, besides one sampled row per sequence"
+    for out, prompt in zip(outs, prompts):
+        assert_matches(out.prompt_logprobs, prompt, hf_prompt_logprobs(hf_models("dense"), prompt), k=1)

@@ -57,12 +57,16 @@ class Scheduler:
 
     def schedule(self) -> list[Scheduled]:
         budget = self.max_num_batched_tokens
+        # Prompt-logprob rows of logits this step may add: the device memory kept for logits covers about
+        # max_num_seqs rows (ModelWorker.cache_budget), and a full-vocabulary row is ~1 MB for Qwen3.5.
+        logit_rows = self.max_num_seqs
         out: list[Scheduled] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._chunk(seq, min(seq.num_tokens - seq.num_computed, budget))
+            n, logit_rows = self._cap_prompt_rows(seq, n, logit_rows)
             while not self._reserve(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -83,6 +87,7 @@ class Scheduler:
                 continue  # a running sequence is computing the next block of its prompt: it will find it cached
             restore = self._admit_cached(seq)
             n = self._chunk(seq, min(seq.num_tokens - seq.num_computed, budget))
+            n, logit_rows = self._cap_prompt_rows(seq, n, logit_rows)
             if not self._reserve(seq, n):
                 self._release(seq)  # the cached blocks it was to share
                 seq.num_computed = 0
@@ -132,6 +137,16 @@ class Scheduler:
     @staticmethod
     def _uses_hits(seq: Sequence) -> bool:
         return getattr(seq.params, "prompt_logprobs", None) is None  # those need the logits of every prompt position
+
+    @staticmethod
+    def _cap_prompt_rows(seq: Sequence, n: int, rows_left: int) -> tuple[int, int]:
+        """A chunk of a prompt whose logprobs are wanted adds a row of logits per token: at most `rows_left` of them
+        (at least one token, so that it moves on); the chunk's size, and the rows left for the step."""
+        request = seq.request
+        if getattr(seq.params, "prompt_logprobs", None) is None or seq.child != 0 or seq.num_computed >= len(request.prompt_ids) - 1:
+            return n, rows_left
+        n = min(n, max(1, rows_left))
+        return n, rows_left - n
 
     def _chunk(self, seq: Sequence, n: int) -> int:
         return n if self.prefix is None else self.prefix.chunk(seq, n)
