@@ -37,3 +37,19 @@ def test_llm_takes_every_field_and_refuses_others(checkpoints):
     llm = LLM(checkpoints("dense"), **{**{f.name: f.default for f in FIELDS}, "device": "cpu"}, progress=False)
     assert dataclasses.replace(llm.llm_engine.config, device="auto") == EngineConfig(model=checkpoints("dense"))
     llm.shutdown()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("generation_config", 5, "generation_config=5 must be a string"),
+    ("max_num_seqs", True, "max_num_seqs=True must be an integer"),
+    ("max_model_len", "2048", "max_model_len='2048' must be an integer or None"),
+    ("enable_lora", 1, "enable_lora=1 must be True or False"),
+    ("gpu_memory_utilization", "0.9", "gpu_memory_utilization='0.9' must be a number"),
+])
+def test_an_option_of_the_wrong_type_is_refused_naming_it(checkpoints, option, value, message):
+    with pytest.raises(TypeError, match=message):
+        LLM(checkpoints("dense"), device="cpu", progress=False, **{option: value})
+
+
+def test_an_integer_is_a_number(checkpoints):
+    EngineConfig(model=checkpoints("dense"), gpu_memory_utilization=1).validate()

@@ -46,6 +46,13 @@ class EngineConfig:
                                              "generation_config.json), vllm (hylo's own) or a FOLDER holding a generation_config.json")
 
     def validate(self) -> None:
+        for f in fields(self):  # first the types, so that the range checks below compare numbers with numbers
+            kinds = [_TYPES[k.strip()] for k in f.type.split("|") if k.strip() != "None"]
+            value = getattr(self, f.name)
+            if value is None and "None" in f.type:
+                continue
+            if not _has_type(value, kinds[0]):
+                raise TypeError(f"{f.name}={value!r} must be {_TYPE_NAMES[kinds[0]]}" + (" or None" if "None" in f.type else ""))
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
@@ -91,7 +98,17 @@ def resolve_dtype(name: str, device: torch.device, model: ModelConfig) -> torch.
 
 
 FLAG_ALIASES = {"tensor_parallel_size": ["-tp"]}  # vLLM's short form
-_TYPES = {"int": int, "float": float, "str": str}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "True or False"}
+
+
+def _has_type(value, kind: type) -> bool:
+    """JSON-like strictness: True is not an integer, an integer is a number."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
