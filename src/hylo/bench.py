@@ -166,13 +166,18 @@ def decode_step_ms(llm, batch: int, prompt_len: int, steps: int = 32) -> float:
     return 1e3 * seconds / steps
 
 
-def write_checkpoint(shape: str, folder: Path) -> Path:
-    """A random bf16 checkpoint of `shape` in HF's safetensors layout, as `save_pretrained` writes it."""
+def random_hf_model(folder: Path):
+    """HF transformers' model for the config in `folder`, with random bf16 weights made on the GPU (billions of
+    parameters take minutes to initialise on the host)."""
     import transformers as tf
 
-    write_config(shape, folder)
-    with torch.device("cuda"):  # initialise on the GPU: random weights of billions of parameters take minutes on the host
-        model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
+    with torch.device("cuda"):
+        return tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
+
+
+def write_checkpoint(shape: str, folder: Path) -> Path:
+    """A random bf16 checkpoint of `shape` in HF's safetensors layout, as `save_pretrained` writes it."""
+    model = random_hf_model(write_config(shape, folder))
     model.save_pretrained(folder)
     del model
     torch.cuda.empty_cache()
@@ -286,10 +291,7 @@ def swap_ms(engine, lora_id: int) -> dict:
 
 def hf_peft_ms(folder: Path, loras: list, prompt_len: int, new_tokens: int) -> dict:
     """HF transformers (+ PEFT for the adapter row) on the same shape, batch 1, the same method."""
-    import transformers as tf
-
-    with torch.device("cuda"):  # initialise on the GPU: 9B random weights on the host take minutes
-        model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder), dtype=torch.bfloat16).eval()
+    model = random_hf_model(folder).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
 
     def ms(m) -> float:

@@ -136,14 +136,14 @@ class Scheduler:
 
     @staticmethod
     def _uses_hits(seq: Sequence) -> bool:
-        return getattr(seq.params, "prompt_logprobs", None) is None  # those need the logits of every prompt position
+        return seq.params.prompt_logprobs is None  # those need the logits of every prompt position
 
     @staticmethod
     def _cap_prompt_rows(seq: Sequence, n: int, rows_left: int) -> tuple[int, int]:
         """A chunk of a prompt whose logprobs are wanted adds a row of logits per token: at most `rows_left` of them
         (at least one token, so that it moves on); the chunk's size, and the rows left for the step."""
         request = seq.request
-        if getattr(seq.params, "prompt_logprobs", None) is None or seq.child != 0 or seq.num_computed >= len(request.prompt_ids) - 1:
+        if seq.params.prompt_logprobs is None or seq.child != 0 or seq.num_computed >= len(request.prompt_ids) - 1:
             return n, rows_left
         n = min(n, max(1, rows_left))
         return n, rows_left - n
