@@ -2,8 +2,8 @@
 
 In the same process it measures the device's copy bandwidth and bf16 matmul rate (the two ceilings),
 then hylo's decode step (the anchor method: 128-token prompts, 128 new tokens, greedy, ignore EOS,
-whole-call time / 128) at each batch size and adapter count, prefill throughput, and optionally
-HF transformers + PEFT on the same shape.
+whole-call time / 128) at each batch size and adapter count, prefill throughput, optionally long-context
+prefill and decode (`measure_long_context`), and optionally HF transformers + PEFT on the same shape.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ SHAPES = {
         num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48,
         linear_key_head_dim=128, linear_value_head_dim=128)),
     "qwen3.5-35b-a3b": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {}),
+    # Qwen3.5-122B-A10B's text model (its published config): ~244 GB in bf16, for TP=4 and 8.
+    "qwen3.5-122b-a10b": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        vocab_size=248320, hidden_size=3072, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=2, head_dim=256,
+        linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128,
+        num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1024, shared_expert_intermediate_size=1024)),
     # The same layers, half as many (20 of 40): per-layer ratios as the full shape, on an 80 GB GPU.
     "qwen3.5-35b-a3b-20l": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {"num_hidden_layers": 20}),
     "tiny": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(
@@ -32,6 +37,8 @@ SHAPES = {
         num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
         linear_key_head_dim=32, linear_value_head_dim=32)),
 }
+DECODE_STEPS = 32  # engine steps decode_step_ms times
+GDN_CHUNK = 64  # tokens per chunk of the chunked gated delta rule (fla-core's and the reference's)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -143,20 +150,34 @@ def decode_ms(llm, batch: int, loras: list, prompt_len: int, new_tokens: int) ->
     return 1e3 * (time.perf_counter() - start) / new_tokens
 
 
-def decode_step_ms(llm, batch: int, prompt_len: int, steps: int = 32) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_new_tokens(batch: int, prompt_len: int, max_num_batched_tokens: int, steps: int = DECODE_STEPS) -> int:
+    """New tokens each request of decode_step_ms asks for. Prompts longer than one step's token budget are
+    prefilled in chunks over several steps, and a sequence whose prompt is done decodes a token in each of them
+    (taking one token of the budget): none may finish before the timed steps end."""
+    prefill_steps = -(-batch * prompt_len // max(1, max_num_batched_tokens - batch + 1))
+    return prefill_steps + steps + 8
+
+
+def decode_step_ms(llm, batch: int, prompt_len: int, steps: int = DECODE_STEPS) -> float:
     """Wall time of one engine step once every sequence is decoding (prefill excluded): what a step costs the host
     and the GPU together, without the anchor method's share of prefill."""
     from hylo import SamplingParams
 
     engine = llm.llm_engine
     vocab = engine.model_config.text.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    new_tokens = step_new_tokens(batch, prompt_len, engine.config.max_num_batched_tokens, steps)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
         engine.add_request(f"bench-step-{i}", {"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}, params)
     while any(not r.sequences[0].output_ids for r in engine.requests.values()):
         engine.step()
-    torch.cuda.synchronize()
+    synchronize(engine.device)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
@@ -164,6 +185,70 @@ def decode_step_ms(llm, batch: int, prompt_len: int, steps: int = 32) -> float:
     while engine.has_unfinished_requests():
         engine.step()
     return 1e3 * seconds / steps
+
+
+def prefill_flops(text, tokens: int, active_params: int, tensor_parallel_size: int = 1) -> dict[str, int]:
+    """FLOPs of prefilling one `tokens`-token prompt on one rank, by part (a multiply-add counts 2):
+    - weights: 2 × this rank's active params (all, as the short prefill figure counts them) × tokens;
+    - attention: per full-attention layer QKᵀ and PV, 2 × 2 × query heads × head_dim per query-key pair, over the
+      tokens·(tokens+1)/2 pairs a causal mask keeps (chunked prefill computes the same pairs);
+    - gdn: per GDN layer, token and value head, the chunked gated delta rule's matmuls: 3 with the [dk, dv] state
+      (keys read it, queries read it, the update), 6·dk·dv, and 5 within a 64-token chunk (K·Kᵀ, Q·Kᵀ, the
+      triangular system applied to K and to V, the masked scores times V), 2·C·(3·dk + 2·dv), counted as full tiles."""
+    layers = list(text.layer_types)
+    heads = text.num_attention_heads // tensor_parallel_size
+    attention = layers.count("full_attention") * 2 * 2 * heads * text.head_dim * (tokens * (tokens + 1) // 2)
+    dk, dv = text.linear_key_head_dim, text.linear_value_head_dim
+    value_heads = text.linear_num_value_heads // tensor_parallel_size
+    gdn = layers.count("linear_attention") * value_heads * tokens * (6 * dk * dv + 2 * GDN_CHUNK * (3 * dk + 2 * dv))
+    return {"weights": 2 * active_params * tokens, "attention": attention, "gdn": gdn}
+
+
+def decode_shortfall(plan, block_size: int, max_model_len: int, batch: int, tokens: int) -> str | None:
+    """Why `batch` sequences of `tokens` tokens each cannot all stay in the cache at once (then the scheduler would
+    preempt and recompute some inside the timed steps), or None when they can."""
+    if batch > plan.num_slots:
+        return f"{batch} sequences need {batch} GDN state slots, the cache has {plan.num_slots}"
+    if tokens > max_model_len:
+        return f"a sequence needs {tokens} tokens, above max_model_len={max_model_len}"
+    blocks = batch * -(-tokens // block_size)
+    if blocks > plan.num_blocks:
+        return (f"{batch} × {tokens} tokens need {blocks} KV blocks of {block_size} tokens, the cache has {plan.num_blocks} "
+                f"(room for {plan.num_blocks * block_size} tokens)")
+    return None
+
+
+def measure_long_context(llm, context: int, batches: list[int], short_context: int, short_step_ms: dict[int, float],
+                         flops_per_s: float) -> dict:
+    """Prefill of one `context`-token prompt against the matmul rate, and a decode step of each batch whose sequences
+    hold `context` tokens against the same batch's step at `short_context` tokens (`short_step_ms`, measured by
+    decode_step_ms on the same engine). Base model, no adapter. A batch the cache cannot hold is skipped, with why."""
+    engine = llm.llm_engine
+    decode_ms(llm, 1, [], context, 1)  # warm-up: the prefill kernels compile and tune for chunks that read a long history
+    # max_tokens=1: the whole generate() is the prompt's prefill and its first token, as the short prefill figure.
+    seconds = decode_ms(llm, 1, [], context, 1) / 1e3
+    _, active, _ = weight_bytes(engine.model, engine.model_config)
+    flops = prefill_flops(engine.model_config.text, context, active // engine.dtype.itemsize, engine.config.tensor_parallel_size)
+    prefill = {"tokens": context, "seconds": seconds, "tokens_per_s": context / seconds, "flops": flops,
+               "matmul_fraction": sum(flops.values()) / seconds / flops_per_s}
+    print(f"  long context {context}: prefill {seconds:.2f} s, {context / seconds:.0f} tok/s", flush=True)
+    rows = []
+    for b in batches:
+        # decode_step_ms times steps only once every prompt is prefilled, so each step is `b` one-token decodes.
+        tokens = context + step_new_tokens(b, context, engine.config.max_num_batched_tokens)
+        why = decode_shortfall(engine.executor.plan, engine.config.block_size, engine.max_model_len, b, tokens)
+        if why:
+            rows.append({"batch": b, "skipped": why})
+            print(f"  long context {context}, batch {b}: skipped: {why}", flush=True)
+            continue
+        ms = decode_step_ms(llm, b, context)
+        rows.append({"batch": b, "step_ms": ms, "tokens_per_s": 1e3 * b / ms, "vs_short_context": ms / short_step_ms[b]})
+        print(f"  long context {context}, batch {b}: {ms:8.2f} ms/step, {ms / short_step_ms[b]:.2f}× at {short_context} tokens", flush=True)
+    return {"context": context, "short_context": short_context, "method":
+            f"prefill: one {context}-token prompt, max_tokens=1, whole generate(); FLOPs = 2 × active params × tokens + causal "
+            f"attention (QKᵀ, PV) + GDN chunked matmuls (chunk {GDN_CHUNK}); decode: engine steps once every prompt of the "
+            f"batch is prefilled (decode_step_ms), against the same batch's step at {short_context}-token prompts",
+            "prefill": prefill, "decode": rows}
 
 
 def random_hf_model(folder: Path):
@@ -185,9 +270,10 @@ def write_checkpoint(shape: str, folder: Path) -> Path:
 
 
 def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_len: int, new_tokens: int, prefill_tokens: int,
-        hf: bool, out: Path | None, tensor_parallel_size: int = 1, checkpoint: Path | None = None) -> dict:
+        hf: bool, out: Path | None, tensor_parallel_size: int = 1, checkpoint: Path | None = None, long_context: int | None = None) -> dict:
     """One engine's figures. `checkpoint`: load this folder from disk (start-up then includes reading it); without
-    it, random weights are made in place (load_format="dummy")."""
+    it, random weights are made in place (load_format="dummy"). `long_context`: also measure_long_context at that
+    many tokens (max_model_len then holds them; the other settings are unchanged)."""
     from hylo import LLM, LoRARequest
 
     device = torch.device("cuda")
@@ -198,10 +284,12 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
     torch.cuda.empty_cache()  # the ceilings' buffers are gone; give their memory to the engine
     with tempfile.TemporaryDirectory() as tmp:
         folder = checkpoint or write_config(shape, Path(tmp) / "model")
+        max_batched = max(prefill_tokens, prompt_len * max(batches))
+        long_len = long_context + step_new_tokens(max(batches), long_context, max_batched) if long_context else 0
         start = time.perf_counter()
         llm = LLM(str(folder), dtype="bfloat16", device="cuda", load_format="safetensors" if checkpoint else "dummy", enable_lora=max(adapters) > 0,
-                  max_loras=max(1, max(adapters)), max_lora_rank=rank, max_num_batched_tokens=max(prefill_tokens, prompt_len * max(batches)),
-                  max_model_len=max(prompt_len + new_tokens, 1024) + 8, max_num_seqs=max(batches + [prefill_tokens // 1024]),
+                  max_loras=max(1, max(adapters)), max_lora_rank=rank, max_num_batched_tokens=max_batched,
+                  max_model_len=max(prompt_len + new_tokens, 1024, long_len) + 8, max_num_seqs=max(batches + [prefill_tokens // 1024]),
                   tensor_parallel_size=tensor_parallel_size)
         result["startup_s"] = time.perf_counter() - start
         engine = llm.llm_engine
@@ -243,6 +331,9 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
         seconds = time.perf_counter() - start
         result["prefill"] = {"tokens": n_prompts * 1024, "tokens_per_s": n_prompts * 1024 / seconds,
                              "matmul_fraction": 2 * (active // 2) * n_prompts * 1024 / seconds / result["bf16_flops_per_s"]}
+        if long_context:
+            short_step_ms = {b: step["step_ms"] for b, step in result["decode_step"].items()}
+            result["long_context"] = measure_long_context(llm, long_context, batches, prompt_len, short_step_ms, result["bf16_flops_per_s"])
         engine.shutdown()
         del llm, engine
         gc.collect()  # the model's modules refer to each other (shared LoRA batch, tied weights): free them now
@@ -346,5 +437,20 @@ def print_table(r: dict) -> None:
         print(f"adapter swap ({w['bytes'] / 2**20:.0f} MiB): queued in {w['queue_ms']:.2f} ms, copied in {w['copy_done_ms']:.2f} ms")
     p = r["prefill"]
     print(f"prefill, {p['tokens']} tokens with an adapter: {p['tokens_per_s']:.0f} tok/s = {100 * p['matmul_fraction']:.0f}% of the bf16 matmul rate")
+    if "long_context" in r:
+        print_long_context(r["long_context"])
     if "hf_peft" in r:
         print("HF+PEFT batch 1: " + ", ".join(f"{k} {v:.1f}" for k, v in r["hf_peft"].items()))
+
+
+def print_long_context(lc: dict) -> None:
+    p, f = lc["prefill"], lc["prefill"]["flops"]
+    print(f"long context, {lc['context']} tokens (base model, no adapter): prefill of one prompt {p['seconds']:.2f} s, "
+          f"{p['tokens_per_s']:.0f} tok/s = {100 * p['matmul_fraction']:.0f}% of the bf16 matmul rate (TFLOPs counted: weights "
+          f"{f['weights'] / 1e12:.3g}, causal attention {f['attention'] / 1e12:.3g}, GDN chunked {f['gdn'] / 1e12:.3g})")
+    for row in lc["decode"]:
+        if "skipped" in row:
+            print(f"decode step at {lc['context']} tokens, batch {row['batch']}: skipped ({row['skipped']})")
+        else:
+            print(f"decode step at {lc['context']} tokens, batch {row['batch']}: {row['step_ms']:.2f} ms = "
+                  f"{row['vs_short_context']:.2f}× the step at {lc['short_context']} tokens")

@@ -82,6 +82,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     from hylo.bench import print_scaling, print_table, run, write_checkpoint
 
+    if args.long_context is not None and args.long_context < 1:
+        print(f"error: --long-context {args.long_context}: give the prompt length in tokens, e.g. 32768", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: hylo bench measures a CUDA device, and none is visible", file=sys.stderr)
         return 2
@@ -91,7 +94,7 @@ def _bench(args: argparse.Namespace) -> int:
         checkpoint = write_checkpoint(args.shape, Path(tmp) / "model") if args.from_disk else None
         for tp in ints(args.tensor_parallel_size):  # in one process, one after another: ratios from the same run
             runs.append(run(args.shape, ints(args.batch), ints(args.adapters), args.rank, args.prompt_len, args.new_tokens,
-                            args.prefill_tokens, args.hf and not runs, None, tp, checkpoint))
+                            args.prefill_tokens, args.hf and not runs, None, tp, checkpoint, args.long_context))
             print_table(runs[-1])
     if len(runs) > 1:
         print_scaling(runs)
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-len", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--prefill-tokens", type=int, default=8192)
+    bench.add_argument("--long-context", type=int, metavar="N", help="also time the prefill of one N-token prompt (e.g. 32768) and "
+                       "decode steps of each --batch whose sequences hold N tokens, against the same batch at --prompt-len")
     bench.add_argument("--hf", action="store_true", help="also time HF transformers + PEFT at batch 1")
     bench.add_argument("--from-disk", action="store_true", help="write a random checkpoint to safetensors first and load it from there "
                        "(start-up then includes reading the weights)")

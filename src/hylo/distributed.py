@@ -39,12 +39,23 @@ class OneShotAllReduce:
 
 
 _one_shot: OneShotAllReduce | None = None
+_rendezvoused: set[str] = set()  # the process group names this process has set up symmetric memory under
+
+
+def can_enable_one_shot_all_reduce() -> bool:
+    """Whether this process may set up the one-shot all-reduce for its current group. torch names every new default
+    group "0" and keeps, for the process's lifetime, the store it first rendezvoused symmetric memory with under a
+    name: a second engine in one process (a notebook, a test run) would rendezvous through its predecessor's dead
+    store and hang. Such an engine leaves every all-reduce to NCCL. The driver decides for all ranks, since the
+    workers are new processes."""
+    return dist.group.WORLD.group_name not in _rendezvoused
 
 
 def enable_one_shot_all_reduce(device: torch.device) -> None:
     """Small all-reduces of this process's group go through OneShotAllReduce from now on, where the GPUs can read
     each other's memory; elsewhere NCCL keeps them all (logged)."""
     global _one_shot
+    _rendezvoused.add(dist.group.WORLD.group_name)
     try:
         _one_shot = OneShotAllReduce(device, ONE_SHOT_MAX_BYTES)
     except Exception as e:  # no peer access between these GPUs, or no symmetric memory in this torch

@@ -1,6 +1,6 @@
-"""Tensor parallelism on two CUDA GPUs over NCCL (marked `gpu`; skipped where fewer than two GPUs are present):
-the same tokens as one GPU and as HF+PEFT, graphs equal to eager across adapter swaps, worker death reported,
-shutdown leaving nothing behind."""
+"""Tensor parallelism on CUDA GPUs over NCCL (marked `gpu`; each test skipped where fewer GPUs than it needs are
+present): at TP=2 and TP=4 the same tokens as one GPU and as HF+PEFT (at TP=4 the tiny models' 2 KV heads are
+replicated), graphs equal to eager across adapter swaps, worker death reported, shutdown leaving nothing behind."""
 
 import os
 import signal
@@ -30,8 +30,9 @@ def generate(llm, prompts, loras, params):
         llm.shutdown()
 
 
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs four CUDA GPUs"))])
 @pytest.mark.parametrize("kind", ["dense", "dense-vl", "moe"])
-def test_tp2_over_nccl_equals_one_gpu_and_hf_peft(kind, checkpoints, adapters):
+def test_tp_over_nccl_equals_one_gpu_and_hf_peft(kind, tp, checkpoints, adapters):
     """One mixed batch with more adapters than slots (expert adapters included for MoE), graphs on."""
     folders = [adapters(kind, seed=200), adapters(kind, seed=201, target_modules=["in_proj_z", "in_proj_qkv"]),
                adapters(kind, seed=202, target_modules=["q_proj", "o_proj", "down_proj"] if kind == "dense" else ["q_proj", "o_proj"])]
@@ -40,14 +41,14 @@ def test_tp2_over_nccl_equals_one_gpu_and_hf_peft(kind, checkpoints, adapters):
     loras = [None] + [LoRARequest(f"a{i}", i + 1, f) for i, f in enumerate(folders)] + [None]
     prompts = random_prompts([3 + 4 * i for i in range(len(loras))], seed=210)
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=2)
-    outs = {tp: generate(cuda_engine(checkpoints, kind, tp, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK), prompts, loras, params)
-            for tp in (1, 2)}
-    for prompt, lora, one, two in zip(prompts, loras, outs[1], outs[2]):
+    outs = {size: generate(cuda_engine(checkpoints, kind, size, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK), prompts, loras, params)
+            for size in (1, tp)}
+    for prompt, lora, one, many in zip(prompts, loras, outs[1], outs[tp]):
         tokens, _ = hf_peft_greedy(kind, checkpoints(kind), lora.lora_path if lora else None, prompt, STEPS, device="cuda")
         name = lora.lora_name if lora else "none"
         assert one.outputs[0].token_ids == tokens, f"TP=1, adapter {name}"
-        assert two.outputs[0].token_ids == tokens, f"TP=2, adapter {name}"
-        for a, b in zip(one.outputs[0].logprobs, two.outputs[0].logprobs):
+        assert many.outputs[0].token_ids == tokens, f"TP={tp}, adapter {name}"
+        for a, b in zip(one.outputs[0].logprobs, many.outputs[0].logprobs):
             assert {t: lp.logprob for t, lp in b.items()} == pytest.approx({t: lp.logprob for t, lp in a.items()}, abs=5e-3)
 
 

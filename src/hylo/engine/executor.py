@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from hylo.batch import StepInput
 from hylo.config import ModelConfig
-from hylo.distributed import TPGroup, disable_one_shot_all_reduce
+from hylo.distributed import TPGroup, can_enable_one_shot_all_reduce, disable_one_shot_all_reduce
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
 from hylo.engine.step_channel import PIPE, SHARED_POLL_SECONDS, STEP, StepChannel
@@ -139,7 +139,13 @@ class Executor:
             _, errors = self._collect("start-up")
             if errors:
                 raise errors[0]
-            budget = min(self.call("cache_budget"))
+            if self.size > 1 and device.type == "cuda":
+                # Before the budget is measured: its buffer is then in use, and the trial graphs take its all-reduces.
+                if can_enable_one_shot_all_reduce():
+                    self.call("enable_one_shot_all_reduce")
+                else:
+                    log.info("one-shot all-reduce off: this process already ran a tensor-parallel engine; NCCL does every all-reduce")
+            budget = min(self.call("cache_budget", max_model_len))  # each rank measures its own; the plan must fit every one
             self.plan = CachePlan.fit(
                 self.driver.shapes, budget, config.block_size, max_model_len, config.max_num_seqs, dtype, config.enable_prefix_caching
             )

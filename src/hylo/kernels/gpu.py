@@ -12,6 +12,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from hylo.batch import Batch
 from hylo.kernels import reference
@@ -77,7 +78,10 @@ def prefill_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Te
             pos = torch.arange(context + n, device=q.device)
             slots = batch.block_tables[i, pos // block_size] * block_size + pos % block_size
             keys, values = flat[0, slots].to(q.dtype), flat[1, slots].to(q.dtype)
-            mask = pos[None, :] <= context + torch.arange(n, device=q.device)[:, None]  # [n, context + n]: may attend
+            # Query j sits at position context + j and attends to keys 0..context + j: causal from the lower right. Given
+            # as a bias object, SDPA can take its flash kernel; a boolean [n, context + n] mask rules flash out and is
+            # materialized (256 Mi entries for an 8k chunk at 32k context).
+            mask = causal_lower_right(n, context + n)
         # [1, heads, tokens, head_dim]: SDPA's fused kernels take 4-D inputs only (3-D ones fall back to float32 math).
         keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)[None]
         values = values.repeat_interleave(group, dim=1).transpose(0, 1)[None]
