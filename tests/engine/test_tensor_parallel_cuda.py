@@ -2,6 +2,7 @@
 present): at TP=2 and TP=4 the same tokens as one GPU and as HF+PEFT (at TP=4 the tiny models' 2 KV heads are
 replicated), graphs equal to eager across adapter swaps, worker death reported, shutdown leaving nothing behind."""
 
+import faulthandler
 import os
 import signal
 import time
@@ -71,6 +72,9 @@ def test_tp2_graphs_equal_eager_across_adapter_swaps(checkpoints, adapters):
 
 
 def test_a_killed_gpu_worker_raises_worker_died_within_30_s(checkpoints):
+    # On four H200s this hung (2026-11-26, NCCL doing the all-reduces): past 90 s every thread's stack is printed and
+    # the test process exits, so a run shows where the driver waits instead of using up the machine.
+    faulthandler.dump_traceback_later(90, exit=True)
     llm = cuda_engine(checkpoints, "dense", 2)
     try:
         os.kill(llm.llm_engine.executor.procs[0].pid, signal.SIGKILL)
@@ -80,6 +84,7 @@ def test_a_killed_gpu_worker_raises_worker_died_within_30_s(checkpoints):
         assert time.monotonic() - start < 30
     finally:
         llm.shutdown()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def test_shutdown_leaves_no_process_and_frees_both_gpus(checkpoints):
