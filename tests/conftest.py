@@ -126,6 +126,9 @@ def engines(checkpoints):
     def get(kind: str, **options) -> LLM:
         key = (kind, tuple(sorted(options.items())))
         if key not in built:
+            # The CPU default (1 GiB, zeroed, so resident) held by every engine kept for the session took the suite near
+            # 20 GB; the tiny models' prompts need a few MiB.
+            options.setdefault("kv_cache_memory_bytes", 64 << 20)
             built[key] = LLM(checkpoints(kind), device="cpu", progress=False, **options)
         return built[key]
 
