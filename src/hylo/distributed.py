@@ -62,9 +62,12 @@ def enable_one_shot_all_reduce(device: torch.device) -> None:
         log.info("one-shot all-reduce unavailable (%s); NCCL does every all-reduce", e)
 
 
-def disable_one_shot_all_reduce() -> None:
+def disable_one_shot_all_reduce() -> OneShotAllReduce | None:
+    """All-reduces go to NCCL from now on; the one-shot all-reduce that served until now, for a caller that must
+    decide when its buffer is freed."""
     global _one_shot
-    _one_shot = None
+    one_shot, _one_shot = _one_shot, None
+    return one_shot
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,24 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang(checkpoints):
     assert not any(p.is_alive() for p in procs)
 
 
+def test_a_worker_lost_between_steps_fails_the_next_call_before_any_collective(checkpoints):
+    """The watch notices the exit on its own thread; the next step then raises at once, naming the rank, without
+    running a forward (on GPUs that forward's collectives would wait for the dead peer)."""
+    llm = tp_engine(checkpoints, "dense", 2)
+    executor = llm.llm_engine.executor
+    os.kill(executor.procs[0].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while executor.lost is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert executor.lost is not None and executor.lost[0] == 1
+    forwards = []
+    driver_execute = executor.driver.execute
+    executor.driver.execute = lambda step: forwards.append(step) or driver_execute(step)
+    with pytest.raises(WorkerDied, match="rank 1"):
+        llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
+    assert forwards == []
+
+
 def test_shutdown_leaves_no_process(checkpoints):
     llm = tp_engine(checkpoints, "moe", 2)
     procs = list(llm.llm_engine.executor.procs)

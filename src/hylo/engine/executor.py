@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -29,6 +30,7 @@ from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
 from hylo.engine.step_channel import PIPE, SHARED_POLL_SECONDS, STEP, StepChannel
 from hylo.engine.worker import ModelWorker
+from hylo.engine.worker_watch import WorkerWatch
 
 log = logging.getLogger("hylo")
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)  # a hung peer fails the step rather than the process
@@ -36,6 +38,12 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)  # a hung peer fails the step rather t
 
 class WorkerDied(RuntimeError):
     """A tensor-parallel worker process exited; the engine cannot continue."""
+
+
+# A dead peer can leave a kernel waiting on this GPU until the process exits (the one-shot all-reduce's barriers have
+# no timeout), and freeing device memory waits for the whole device: an engine that lost a worker keeps its model,
+# caches and buffers here rather than free them and hang. A server exits after such a failure.
+_keep_after_loss: list = []
 
 
 def _free_port() -> int:
@@ -102,15 +110,19 @@ def _worker_main(conn, channel_name: str, config: EngineConfig, model_config: Mo
         _leave_group()
 
 
+_group_lock = threading.Lock()  # the driver's thread and its worker watch may both end the group
+
+
 def _leave_group() -> None:
     """Leave the process group without waiting on peers that may be gone or stuck in a collective: NCCL's
     orderly teardown blocks until every rank takes part, so its communicators are aborted first."""
-    if not dist.is_initialized():
-        return
-    if dist.get_backend() == "nccl":
-        dist.distributed_c10d._abort_process_group()  # this also ends the default group
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    with _group_lock:
+        if not dist.is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()  # this also ends the default group
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _picklable(e: Exception) -> bool:
@@ -132,9 +144,13 @@ class Executor:
         self.conns = []
         self.channel: StepChannel | None = None
         self.dead: str | None = None
+        self.lost: tuple[int, int | None] | None = None  # (rank, exit code) of a worker the watch found gone
+        self.watch: WorkerWatch | None = None
+        self.device = device
         try:
             if self.size > 1:
                 self._start_workers(config, model_config, device, dtype)
+                self.watch = WorkerWatch(self.procs, self._worker_exited)
             self.driver = ModelWorker(config, model_config, TPGroup(0, self.size), device, dtype, progress)
             _, errors = self._collect("start-up")
             if errors:
@@ -180,6 +196,8 @@ class Executor:
         through the step channel and they acknowledge it there; every other call goes through the pipes."""
         if self.dead:
             raise WorkerDied(self.dead)
+        if self.lost:
+            self._died(self.lost[0], self.procs[self.lost[0] - 1], method)
         if self.conns:
             packed = args[0].pack() if method == "execute" else None
             if packed is not None and self.channel.fits(packed):
@@ -223,8 +241,9 @@ class Executor:
                 if pause:
                     time.sleep(pause)
                 polls += 1
-                if polls % 1024 == 0 and not proc.is_alive():
-                    self._died(worker + 1, proc, "a step")
+                if self.lost or (polls % 1024 == 0 and not proc.is_alive()):
+                    rank = self.lost[0] if self.lost else worker + 1
+                    self._died(rank, self.procs[rank - 1], "a step")
             if ack == -seq:
                 _, error = conn.recv()
                 errors.append(error)
@@ -248,15 +267,28 @@ class Executor:
 
     def close(self) -> None:
         """Stop the workers and free this process's share too (model, caches, graphs), so that another engine
-        can start in the same process."""
+        can start in the same process; after a worker's death on a GPU, free nothing there (`_keep_after_loss`)."""
         self.dead = self.dead or "the engine has been shut down; start a new one"
         # The model, caches and graphs go first: captured collectives and symmetric memory belong to the group.
-        self.__dict__.pop("driver", None)
-        disable_one_shot_all_reduce()
+        driver = self.__dict__.pop("driver", None)
+        one_shot = disable_one_shot_all_reduce()
+        if self.lost and self.device.type == "cuda":
+            _keep_after_loss.append((driver, one_shot))
+            self.shutdown()
+            return
+        del driver, one_shot
         gc.collect()  # the model's modules refer to each other (shared LoRA batch, tied weights)
         self.shutdown()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+    def _worker_exited(self, rank: int, code: int | None) -> None:
+        """The watch's callback, on its thread: NCCL's kernels waiting for the dead rank are ended, so that the
+        driver's thread gets back from whatever host sync waits behind them."""
+        self.lost = (rank, code)
+        log.error("tensor-parallel worker rank %d exited (code %s)", rank, code)
+        if self.device.type == "cuda":
+            _leave_group()
 
     def _died(self, rank: int, proc: mp.Process, what: str) -> None:
         proc.join(1)
@@ -266,6 +298,9 @@ class Executor:
         raise WorkerDied(self.dead) from None
 
     def shutdown(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+            self.watch = None
         if self.conns:
             self.channel.post(PIPE)
         for conn in self.conns:
