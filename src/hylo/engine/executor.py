@@ -150,7 +150,6 @@ class Executor:
         try:
             if self.size > 1:
                 self._start_workers(config, model_config, device, dtype)
-                self.watch = WorkerWatch(self.procs, self._worker_exited)
             self.driver = ModelWorker(config, model_config, TPGroup(0, self.size), device, dtype, progress)
             _, errors = self._collect("start-up")
             if errors:
@@ -166,6 +165,8 @@ class Executor:
                 self.driver.shapes, budget, config.block_size, max_model_len, config.max_num_seqs, dtype, config.enable_prefix_caching
             )
             self.call("allocate", self.plan, max_model_len)
+            if self.procs:  # from now on; a worker that fails its start-up reports through its pipe and exits
+                self.watch = WorkerWatch(self.procs, self._worker_exited)
         except BaseException:
             self.close()
             raise
