@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,11 +52,13 @@ class PrefillCounter:
         scheduler.schedule = counting
 
 
-def run_at_once(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest | None], new_tokens: int) -> list[float]:
-    """Every prompt added at once, stepped to the end; each request's time to first token, in seconds."""
+def run_at_once(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest | None], new_tokens: int,
+                clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Every prompt added at once, stepped to the end; each request's time to first token, in seconds (or in what
+    `clock` counts)."""
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
+    start = clock()
     for i, (prompt, lora) in enumerate(zip(prompts, loras)):
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params, lora)
     first: dict[str, float] = {}
@@ -64,7 +67,7 @@ def run_at_once(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest | No
             if out.outputs[0].token_ids and out.request_id not in first:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                first[out.request_id] = time.perf_counter() - start
+                first[out.request_id] = clock() - start
     return [first[str(i)] for i in range(len(prompts))]
 
 

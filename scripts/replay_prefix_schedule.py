@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from hylo import LLM, SamplingParams
+from bench_prefix_cache import run_at_once  # this folder's (scripts/)
+from hylo import LLM
 from hylo.bench import write_config
 
 
@@ -40,16 +41,10 @@ def replay(caching: bool, interval: int, requests: int, prompt_len: int, budget:
 
         engine.executor.call = instant
         g = torch.Generator().manual_seed(0)
-        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-        for i in range(requests):
-            engine.add_request(str(i), {"prompt_token_ids": torch.randint(1, vocab, (prompt_len,), generator=g).tolist()}, params)
-        first: dict[str, int] = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.outputs[0].token_ids:
-                    first.setdefault(out.request_id, computed)
+        prompts = [torch.randint(1, vocab, (prompt_len,), generator=g).tolist() for _ in range(requests)]
+        first = run_at_once(llm, prompts, [None] * requests, new_tokens, clock=lambda: computed)
         engine.shutdown()
-        return statistics.median(first.values()), computed
+        return statistics.median(first), computed
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ OPTIONS = dict(dtype="float32", max_num_seqs=SEQS, max_num_batched_tokens=SEQS *
 SHARE = 12 << 30  # what the engine may take beyond what the device uses already (the cache gets the rest of it)
 
 
-def utilization_for(share: int) -> float:
+def utilization_for(share: int, device: torch.device | None = None) -> float:
     """The gpu_memory_utilization that leaves the engine `share` bytes beyond what the device uses now."""
     torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info(device)
     return (total - free + share) / total
 
 
@@ -49,9 +49,8 @@ def test_the_largest_batch_of_long_prompts_stays_within_gpu_memory_utilization(c
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_each_rank_stays_within_gpu_memory_utilization_at_tp2(checkpoints):
     """Each rank measures its own share in its own process; the plan fits the smallest."""
-    torch.cuda.empty_cache()
     devices = [torch.device("cuda", rank) for rank in range(2)]
-    util = max((total - free + SHARE) / total for free, total in map(torch.cuda.mem_get_info, devices))
+    util = max(utilization_for(SHARE, device) for device in devices)
     llm = LLM(checkpoints("dense"), device="cuda", gpu_memory_utilization=util, tensor_parallel_size=2, **OPTIONS)
     try:
         prompts = [{"prompt_token_ids": p} for p in random_prompts([PROMPT] * SEQS, seed=410)]

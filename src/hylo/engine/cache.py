@@ -86,6 +86,12 @@ class CachePlan:
         )
         return plan
 
+    @staticmethod
+    def num_tensors(shapes: CacheShapes, prefix_caching: bool) -> int:
+        """How many tensors `allocate` makes that hold bytes: KV per attention layer, conv and recurrent state per GDN
+        layer, and their snapshot pools with prefix caching (empty without)."""
+        return shapes.num_attention_layers + shapes.num_gdn_layers * (4 if prefix_caching else 2)
+
     def allocate(self, shapes: CacheShapes, block_size: int, dtype: torch.dtype, device: torch.device) -> CacheTensors:
         s = shapes
         return CacheTensors(

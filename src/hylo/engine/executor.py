@@ -197,8 +197,7 @@ class Executor:
         through the step channel and they acknowledge it there; every other call goes through the pipes."""
         if self.dead:
             raise WorkerDied(self.dead)
-        if self.lost:
-            self._died(self.lost[0], self.procs[self.lost[0] - 1], method)
+        self._raise_if_lost(method)
         if self.conns:
             packed = args[0].pack() if method == "execute" else None
             if packed is not None and self.channel.fits(packed):
@@ -236,15 +235,11 @@ class Executor:
         on its pipe."""
         seq, errors = self.channel.seq, []
         pause = SHARED_POLL_SECONDS if self.driver.reading else 0.0  # as the workers' polls: see StepChannel.wait
-        for worker, (conn, proc) in enumerate(zip(self.conns, self.procs)):
-            polls = 0
+        for worker, conn in enumerate(self.conns):
             while (ack := self.channel.acknowledged(worker)) not in (seq, -seq):
                 if pause:
                     time.sleep(pause)
-                polls += 1
-                if self.lost or (polls % 1024 == 0 and not proc.is_alive()):
-                    rank = self.lost[0] if self.lost else worker + 1
-                    self._died(rank, self.procs[rank - 1], "a step")
+                self._raise_if_lost("a step")  # the worker watch notices an exit as it happens
             if ack == -seq:
                 _, error = conn.recv()
                 errors.append(error)
@@ -282,6 +277,11 @@ class Executor:
         self.shutdown()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+    def _raise_if_lost(self, what: str) -> None:
+        if self.lost:
+            rank = self.lost[0]
+            self._died(rank, self.procs[rank - 1], what)
 
     def _worker_exited(self, rank: int, code: int | None) -> None:
         """The watch's callback, on its thread: NCCL's kernels waiting for the dead rank are ended, so that the

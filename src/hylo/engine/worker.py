@@ -111,8 +111,7 @@ class ModelWorker:
         torch.cuda.empty_cache()  # the steps' blocks and the graph pool go back: the real cache is allocated next
         free, total = torch.cuda.mem_get_info(self.device)
         in_use = total - free
-        tensors = self.shapes.num_attention_layers + self.shapes.num_gdn_layers * (4 if self.config.enable_prefix_caching else 2)
-        rounding = tensors * ALLOCATOR_ROUNDING + ALLOCATOR_SEGMENT
+        rounding = CachePlan.num_tensors(self.shapes, self.config.enable_prefix_caching) * ALLOCATOR_ROUNDING + ALLOCATOR_SEGMENT
         limit = int(self.config.gpu_memory_utilization * total)
         budget = limit - in_use - activations - graph_bytes - rounding
         other = in_use - self.weight_bytes - self.lora_slot_bytes
