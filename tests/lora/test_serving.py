@@ -45,7 +45,10 @@ def test_a_request_never_waits_for_an_unrelated_adapter(checkpoints, adapters):
     a = LoRARequest("A", 1, adapters("dense", seed=20))
     b = LoRARequest("B", 2, adapters("dense", seed=21))
     engine.add_request("long-a", {"prompt_token_ids": [3, 4]}, SamplingParams(max_tokens=30, ignore_eos=True), a)
-    engine.step()
+    # Adapters are read in the background, several at once: A must hold the slot before B is asked for, or B's read
+    # may finish first and take it.
+    while not engine.requests["long-a"].sequences[0].output_ids:
+        engine.step()
     engine.add_request("b", {"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=3, ignore_eos=True), b)
     engine.add_request("base", {"prompt_token_ids": [7]}, SamplingParams(max_tokens=3, ignore_eos=True))
     engine.add_request("short-a", {"prompt_token_ids": [8]}, SamplingParams(max_tokens=3, ignore_eos=True), a)
