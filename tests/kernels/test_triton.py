@@ -205,6 +205,106 @@ def test_routed_experts(dtype, path, step):
     assert ((got - ref).norm() / ref.norm()).item() < bound
 
 
+MOE_SHAPES = [(10, 3), (256, 8)]  # (experts, top_k): the tiny test models', Qwen3.5-35B-A3B's
+TOKENS = [1, 3, 17]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("experts, top_k", MOE_SHAPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_route(dtype, experts, top_k, tokens):
+    from hylo.kernels.triton_moe import route
+
+    torch.manual_seed(9)
+    logits = rand(tokens, 2 * experts, dtype=dtype)[:, :experts] * 3  # a row view, as a fused GEMV could give
+    weights, ids = route(logits, top_k)
+    ref_weights, ref_ids = reference.route(logits, top_k)
+    assert weights.dtype == ref_weights.dtype and ids.dtype == ref_ids.dtype
+    close(weights, ref_weights, dtype)
+    # bf16 logits can tie, and tied experts may then be listed in another order: compare what each choice is worth.
+    probs = logits.softmax(dim=-1, dtype=torch.float)
+    assert torch.equal(probs.gather(1, ids), probs.gather(1, ref_ids))
+
+
+@pytest.mark.parametrize("experts, top_k", MOE_SHAPES)
+def test_route_ids_equal_topk(experts, top_k):
+    """On many random float32 rows (no ties) the ids are torch.topk's, in its order; a tie goes to the lowest id."""
+    from hylo.kernels.triton_moe import route
+
+    torch.manual_seed(10)
+    logits = rand(300, experts)
+    assert torch.equal(route(logits, top_k)[1], logits.softmax(dim=-1, dtype=torch.float).topk(top_k, dim=-1).indices)
+    tied = torch.zeros(1, experts, device=DEV)
+    tied[0, [7, 2, 5]] = 1.0
+    assert route(tied, 3)[1].tolist() == [[2, 5, 7]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("top_k, hidden", [(3, 48), (8, 2048)])
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_combine_pairs(dtype, top_k, hidden, tokens):
+    from hylo.kernels.triton_moe import combine_pairs
+
+    torch.manual_seed(11)
+    y, weights = rand(tokens * top_k, hidden, dtype=dtype), torch.rand(tokens, top_k, device=DEV).to(dtype)
+    ref = (y.view(-1, top_k, hidden).float() * weights[..., None].float()).sum(dim=1).to(dtype)
+    close(combine_pairs(y, weights), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [24, 56, 1500])  # the tiny experts and shared expert; more than one column block
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_silu_mul(dtype, n, tokens):
+    """On the two halves of a fused gate/up output (row views), as the MLP and the experts pass them."""
+    from hylo.kernels.triton_activations import silu_mul
+
+    torch.manual_seed(12)
+    gate, up = (rand(tokens, 2 * n, dtype=dtype) * 3).chunk(2, dim=-1)
+    got = silu_mul(gate, up)
+    assert got.shape == gate.shape and got.dtype == dtype
+    close(got, reference.silu_mul(gate, up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [48, 2048])
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_sigmoid_gated_add(dtype, hidden, tokens):
+    """The MoE layer's routed sum plus its shared expert, gated by one logit per token."""
+    from hylo.kernels.triton_activations import sigmoid_gated_add
+
+    torch.manual_seed(13)
+    x, y, gate = rand(tokens, hidden, dtype=dtype), rand(tokens, hidden, dtype=dtype), rand(tokens, 1, dtype=dtype) * 3
+    close(sigmoid_gated_add(x, gate, y), reference.sigmoid_gated_add(x, gate, y), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_moe_layer_on_fast_ops(dtype):
+    """The MoE block wired to the fast router, experts, SiLU and shared-expert gate, against the same block on the
+    reference ops: the tiny models' shapes, a decode-sized batch (the per-pair path, no tl.dot)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from hylo.distributed import TPGroup
+    from hylo.kernels import select_ops, triton_activations, triton_moe
+    from hylo.layers.moe import SparseMoE
+
+    torch.manual_seed(14)
+    cfg = SimpleNamespace(hidden_size=48, num_experts=10, num_experts_per_tok=3, moe_intermediate_size=24,
+                          shared_expert_intermediate_size=56)
+    ref_ops = select_ops(torch.device("cpu"))
+    fast_ops = replace(ref_ops, route=triton_moe.route, routed_experts=triton_moe.routed_experts,
+                       silu_mul=triton_activations.silu_mul, sigmoid_gated_add=triton_activations.sigmoid_gated_add)
+    with torch.device(DEV):
+        fast, ref = SparseMoE(cfg, TPGroup(), fast_ops, ""), SparseMoE(cfg, TPGroup(), ref_ops, "")
+    for p, q in zip(fast.parameters(), ref.parameters()):
+        p.data = q.data = rand(*p.shape, dtype=dtype) * 0.3
+    x = rand(5, 48, dtype=dtype)
+    # Both in the same dtype, so both routers see the same logits and pick the same experts.
+    got, want = fast(x).float(), ref(x).float()
+    bound = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]  # bf16: as test_routed_experts allows
+    assert ((got - want).norm() / want.norm()).item() < bound
+
+
 def test_sort_rows_puts_each_row_once_in_a_block_of_its_group():
     from hylo.kernels.triton_grouped import sort_rows
 

@@ -19,15 +19,21 @@ class Ops:
     gated_rms_norm: Callable
     norm_rope: Callable
     routed_experts: Callable
+    route: Callable
+    silu_mul: Callable
+    sigmoid_gated_add: Callable
 
 
 def select_ops(device: torch.device) -> Ops:
-    """CPU: the torch reference (the oracle for every faster kernel). CUDA: Triton kernels for decode steps, norms
-    and routed experts; SDPA and fla-core (the `cuda` extra) for prefill."""
+    """CPU: the torch reference (the oracle for every faster kernel). CUDA: Triton kernels for decode steps, norms,
+    the MoE router, routed experts and shared-expert gate, and the MLP's activation; SDPA and fla-core (the `cuda`
+    extra) for prefill."""
     if device.type != "cuda":
         return Ops(reference.paged_attention, reference.causal_conv1d, reference.gated_delta_rule, reference.rms_norm,
-                   reference.gated_rms_norm, reference.norm_rope, reference.routed_experts)
-    from hylo.kernels import triton_moe, triton_norms
+                   reference.gated_rms_norm, reference.norm_rope, reference.routed_experts, reference.route,
+                   reference.silu_mul, reference.sigmoid_gated_add)
+    from hylo.kernels import triton_activations, triton_moe, triton_norms
 
     return Ops(gpu.paged_attention, gpu.causal_conv1d, gpu.gated_delta_rule, triton_norms.rms_norm, triton_norms.gated_rms_norm,
-               triton_norms.norm_rope, triton_moe.routed_experts)
+               triton_norms.norm_rope, triton_moe.routed_experts, triton_moe.route, triton_activations.silu_mul,
+               triton_activations.sigmoid_gated_add)

@@ -200,6 +200,25 @@ def lora_delta(
             y[tokens, start:stop] += shrink[:, j * rank : (j + 1) * rank] @ b[slot, start:stop].t()
 
 
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE router after its GEMV: softmax in float32, the top k, their weights renormalised to sum to one.
+    logits: [tokens, experts]. Returns weights [tokens, top_k] in the logits' dtype and expert ids [tokens, top_k]
+    (int64)."""
+    probs = logits.softmax(dim=-1, dtype=torch.float)
+    weights, experts = probs.topk(top_k, dim=-1)
+    return (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype), experts
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation: SiLU(gate) · up."""
+    return F.silu(gate) * up
+
+
+def sigmoid_gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + σ(gate)·y, gate [tokens, 1] one logit per token: how MoE adds its shared expert to the routed sum."""
+    return x + torch.sigmoid(gate) * y
+
+
 def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """An MoE layer's routed experts (`layers.moe.Experts`: w13, w2 and their LoRA slots): the (token, expert) pairs
     sorted by expert, then each expert's run of pairs as two matmuls. One host sync per layer (the run lengths).

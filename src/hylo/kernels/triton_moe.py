@@ -1,6 +1,7 @@
 """Routed experts on the GPU, with no host sync (so any step can be captured in a CUDA graph): a small batch as one
 GEMV per (token, chosen expert) pair, the expert read from the router's output on the device; a larger one as
-grouped matmuls over the pairs sorted by expert (`triton_grouped`).
+grouped matmuls over the pairs sorted by expert (`triton_grouped`). The router's softmax and top-k, the SiLU and
+the weighted sum of each token's pairs are one launch each: at batch 1 the step is bound by its number of kernels.
 
 Expert LoRA reuses the LoRA kernels: slot s of expert e is group s·E + e of the experts' flattened slot tensors.
 """
@@ -10,10 +11,10 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from hylo.kernels.triton_activations import silu_mul
 from hylo.kernels.triton_grouped import SortedRows, grouped_matmul, lora_sgmv, sort_rows
 from hylo.kernels.triton_lora import lora_bgmv
 
@@ -71,12 +72,11 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
     gate_up = _expert_matmul(x, layer.w13, flat, top_k, by_expert)  # [pairs, 2·local]
     if lora:
         lora.add(x, gate_up, layer.lora_a13, layer.lora_b13, layer.lora_row_part13, top_k)
-    gate, up = gate_up.chunk(2, dim=-1)
-    hidden = F.silu(gate) * up
+    hidden = silu_mul(*gate_up.chunk(2, dim=-1))
     y = _expert_matmul(hidden, layer.w2, flat, 1, by_expert)  # [pairs, hidden]
     if lora:
         lora.add(hidden, y, layer.lora_a2, layer.lora_b2, layer.lora_row_part2, 1)
-    return (y.view(-1, top_k, y.shape[1]).float() * weights[..., None].float()).sum(dim=1).to(x.dtype)
+    return combine_pairs(y, weights)
 
 
 class _ExpertLoRA:
@@ -95,3 +95,66 @@ class _ExpertLoRA:
             lora_sgmv(x, y, a, b, row_part, self.sorted, x_div)
         else:
             lora_bgmv(x.repeat_interleave(x_div, dim=0), y, a, b, row_part, self.groups)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, w_ptr, out_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(K):
+        pair = token * K + j
+        y = tl.load(y_ptr + pair.to(tl.int64) * n + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(w_ptr + pair).to(tl.float32) * y
+    tl.store(out_ptr + token.to(tl.int64) * n + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def combine_pairs(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = Σ_j weights[t, j] · y[t·k + j]: y [tokens·k, hidden] (pairs in token order), weights [tokens, k].
+    Float32 inside, one rounding to y's dtype."""
+    tokens, top_k = weights.shape
+    n = y.shape[1]
+    out = torch.empty(tokens, n, dtype=y.dtype, device=y.device)
+    block = min(1024, triton.next_power_of_2(n))
+    _combine_kernel[(tokens, triton.cdiv(n, block))](y, weights.contiguous(), out, n, K=top_k, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _route_kernel(logits_ptr, logits_row, weights_ptr, ids_ptr, n_experts,
+                  K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    live = cols < n_experts
+    x = tl.load(logits_ptr + row * logits_row + cols, mask=live, other=float("-inf")).to(tl.float32)
+    e = tl.exp(x - tl.max(x, axis=0))
+    probs = tl.where(live, e / tl.sum(e, axis=0), -1.0)  # probabilities are >= 0: -1 is "taken, or no expert"
+    slots = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_K], tl.float32)
+    top_id = tl.zeros([BLOCK_K], tl.int64)
+    # k rounds of argmax over the row in registers. Among equal probabilities the lowest id goes first, as
+    # torch.topk does on CUDA in practice; ties need equal logits (possible in bf16, measure-zero in float), and
+    # only change which experts run when they straddle the k-th place.
+    for j in tl.static_range(K):
+        best = tl.max(probs, axis=0)
+        pick = tl.min(tl.where(probs == best, cols, BLOCK_E), axis=0)
+        top_w = tl.where(slots == j, best, top_w)
+        top_id = tl.where(slots == j, pick, top_id)
+        probs = tl.where(cols == pick, -1.0, probs)
+    out = row * K + slots
+    tl.store(weights_ptr + out, (top_w / tl.sum(top_w, axis=0)).to(weights_ptr.dtype.element_ty), mask=slots < K)
+    tl.store(ids_ptr + out, top_id, mask=slots < K)
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.route` in one launch (no host sync): logits [tokens, experts], last dim contiguous. Returns the
+    normalised top-k weights [tokens, top_k] in the logits' dtype and the expert ids [tokens, top_k] (int64)."""
+    tokens, n_experts = logits.shape
+    weights = torch.empty(tokens, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
+    block = triton.next_power_of_2(n_experts)
+    # One warp per row: the 2·k reductions run in sequence, and within a warp none of them waits on a barrier.
+    _route_kernel[(tokens,)](logits, logits.stride(0), weights, ids, n_experts, K=top_k, BLOCK_E=block,
+                             BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if block <= 512 else 4)
+    return weights, ids

@@ -83,17 +83,16 @@ class SparseMoE(nn.Module):
     def __init__(self, cfg, tp: TPGroup, ops: Ops, owner: str):
         super().__init__()
         self.tp = tp
+        self.ops = ops
         self.top_k = cfg.num_experts_per_tok
         # PEFT cannot wrap the router (not an nn.Linear in the reference), so it takes no LoRA here either.
         self.gate = ReplicatedLinear("gate", cfg.hidden_size, cfg.num_experts, lora=False)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, tp, ops, owner)
-        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, tp, owner)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, tp, ops, owner)
         self.shared_expert_gate = ReplicatedLinear("shared_expert_gate", cfg.hidden_size, 1, lora=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.gate(x)
-        probs = logits.softmax(dim=-1, dtype=torch.float)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype)
+        weights, experts = self.ops.route(self.gate(x), self.top_k)
+        # The routed partial sums are all-reduced before the (already reduced) shared expert joins them.
         routed = self.tp.all_reduce(self.experts(x, weights, experts))
-        return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return self.ops.sigmoid_gated_add(routed, self.shared_expert_gate(x), self.shared_expert(x))

@@ -33,7 +33,7 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = GatedAttention(cfg, tp, ops, owner + "self_attn.")
         self.post_attention_layernorm = RMSNorm("post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = SparseMoE(cfg, tp, ops, owner + "mlp.") if moe else MLP(cfg.hidden_size, cfg.intermediate_size, tp, owner + "mlp.")
+        self.mlp = SparseMoE(cfg, tp, ops, owner + "mlp.") if moe else MLP(cfg.hidden_size, cfg.intermediate_size, tp, ops, owner + "mlp.")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: Batch, state: tuple[torch.Tensor, ...]):
         """x: the previous layer's output, residual: the stream before it (None at the first layer). Each sum is
