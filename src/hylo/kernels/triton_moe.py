@@ -129,7 +129,10 @@ def _route_kernel(logits_ptr, logits_row, weights_ptr, ids_ptr, n_experts,
     live = cols < n_experts
     x = tl.load(logits_ptr + row * logits_row + cols, mask=live, other=float("-inf")).to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=0))
-    probs = tl.where(live, e / tl.sum(e, axis=0), -1.0)  # probabilities are >= 0: -1 is "taken, or no expert"
+    probs = e / tl.sum(e, axis=0)
+    # Probabilities are >= 0: -1 is "taken, or no expert". A NaN (non-finite hidden states, e.g. a broken adapter) is
+    # -1 too, so every pick stays a real lane: an id past the experts would make the GEMVs read out of bounds.
+    probs = tl.where(live & (probs == probs), probs, -1.0)
     slots = tl.arange(0, BLOCK_K)
     top_w = tl.zeros([BLOCK_K], tl.float32)
     top_id = tl.zeros([BLOCK_K], tl.int64)
