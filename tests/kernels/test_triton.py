@@ -347,3 +347,14 @@ def test_lora_sgmv_equals_grouped_matmuls(dtype):
     close(y, ref, dtype)
     base = token_slots < 0
     assert torch.equal(y[base], ref[base]) and torch.equal(y[:, 230:], ref[:, 230:])  # no LoRA there: untouched
+
+
+def test_route_keeps_ids_in_range_for_non_finite_logits():
+    """A row of NaN logits (a broken adapter's hidden states) must still name real experts: the GEMVs index by them."""
+    from hylo.kernels import triton_moe
+
+    logits = rand(3, 10)
+    logits[1] = float("nan")
+    logits[2, 4] = float("inf")
+    _, ids = triton_moe.route(logits, 3)
+    assert bool(((ids >= 0) & (ids < 10)).all())
