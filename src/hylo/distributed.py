@@ -11,31 +11,60 @@ import torch.distributed as dist
 log = logging.getLogger("hylo")
 
 # Messages up to this size take the one-shot all-reduce when it is on. scripts/compare_all_reduce.py, two H200s,
-# bf16, µs per all-reduce inside a CUDA graph (NCCL / one-shot): 8 KiB 11.8 / 6.7, 512 KiB 15.5 / 11.2,
-# 2 MiB 32.2 / 21.5, 4 MiB 37.4 / 35.4, 16 MiB 83.2 / 134.
+# bf16, µs per all-reduce inside a CUDA graph (NCCL / torch's one-shot kernel, which ours replaced): 8 KiB 11.8 / 6.7,
+# 512 KiB 15.5 / 11.2, 2 MiB 32.2 / 21.5, 4 MiB 37.4 / 35.4, 16 MiB 83.2 / 134.
 ONE_SHOT_MAX_BYTES = 4 << 20
+FLAG_ALIGN = 256
 
 
 class OneShotAllReduce:
-    """Every rank's tensor summed in one kernel that reads the peers' copies straight from their memory
-    (peer-to-peer symmetric memory): for the small messages of a decode step it skips NCCL's protocol steps.
-    Graph-safe. NVLink multicast is not used (TORCH_SYMM_MEM_DISABLE_MULTICAST stays set)."""
+    """All-reduces of [rows, width] activations in one kernel that reads the peers' rows straight from their memory
+    (peer-to-peer symmetric memory), skipping NCCL's protocol steps for the small messages of a decode step; the
+    residual add and RMSNorm that follow can run in the same launch. Graph-safe. NVLink multicast is not used
+    (TORCH_SYMM_MEM_DISABLE_MULTICAST stays set). `abort()` ends every wait for a peer that will never come
+    (kernels/triton_all_reduce.py)."""
 
-    def __init__(self, device: torch.device, max_bytes: int):
+    def __init__(self, device: torch.device, width: int, dtype: torch.dtype, max_bytes: int = ONE_SHOT_MAX_BYTES):
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = dist.group.WORLD.group_name
-        self.max_bytes = max_bytes
-        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.width, self.dtype = width, dtype
+        self.capacity_rows = max_bytes // (width * dtype.itemsize)
+        flag_bytes = -(-self.capacity_rows * self.world_size * 8 // FLAG_ALIGN) * FLAG_ALIGN
+        self.buffer = symm_mem.empty(flag_bytes + 2 * self.capacity_rows * width * dtype.itemsize, dtype=torch.uint8, device=device)
+        self.buffer[:flag_bytes].zero_()
+        torch.cuda.synchronize(device)  # zeroed on every rank before any rank can signal: the rendezvous is a barrier
+        handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        self.flag_bases = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.data_bases = self.flag_bases + flag_bytes
+        self.epochs = torch.zeros(self.capacity_rows, dtype=torch.int64, device=device)
+        self.abort_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.dead = torch.zeros(1, dtype=torch.int32, device=device)
 
     def fits(self, x: torch.Tensor) -> bool:
-        nbytes = x.numel() * x.element_size()
-        return x.is_contiguous() and nbytes <= self.max_bytes and nbytes % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        return x.dim() == 2 and x.shape[1] == self.width and x.shape[0] <= self.capacity_rows and x.dtype == self.dtype and x.is_contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        staging = self.buffer[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", self.group_name)
+        out = torch.empty_like(x)
+        self._launch(x, None, None, 0.0, out, None, norm=False)
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(Σ x + residual), Σ x + residual), as rms_norm(all_reduce(x), weight, eps, residual) returns them."""
+        out, res_out = torch.empty_like(x), torch.empty_like(x)
+        self._launch(x, residual, weight, eps, out, res_out, norm=True)
+        return out, res_out
+
+    def abort(self) -> None:
+        """A peer is gone: waits for it end (from any thread; the kernels read this flag while they spin)."""
+        self.abort_host.fill_(1)
+
+    def _launch(self, x, residual, weight, eps, out, res_out, norm: bool) -> None:
+        from hylo.kernels.triton_all_reduce import launch_all_reduce_rows
+
+        launch_all_reduce_rows(x, residual, weight, eps, out, res_out, self.data_bases, self.flag_bases, self.epochs, self.abort_host,
+                               self.dead, self.capacity_rows, self.rank, self.world_size, norm)
 
 
 _one_shot: OneShotAllReduce | None = None
@@ -51,15 +80,25 @@ def can_enable_one_shot_all_reduce() -> bool:
     return dist.group.WORLD.group_name not in _rendezvoused
 
 
-def enable_one_shot_all_reduce(device: torch.device) -> None:
-    """Small all-reduces of this process's group go through OneShotAllReduce from now on, where the GPUs can read
-    each other's memory; elsewhere NCCL keeps them all (logged)."""
+def enable_one_shot_all_reduce(device: torch.device, width: int, dtype: torch.dtype) -> None:
+    """Small all-reduces of this process's group ([rows, width] in `dtype`: the residual stream's) go through
+    OneShotAllReduce from now on, where the GPUs can read each other's memory; elsewhere NCCL keeps them all (logged)."""
     global _one_shot
     _rendezvoused.add(dist.group.WORLD.group_name)
+    size = dist.get_world_size()
+    if size & (size - 1):
+        log.info("one-shot all-reduce off for %d ranks (it reduces a power of two); NCCL does every all-reduce", size)
+        return
     try:
-        _one_shot = OneShotAllReduce(device, ONE_SHOT_MAX_BYTES)
+        _one_shot = OneShotAllReduce(device, width, dtype)
     except Exception as e:  # no peer access between these GPUs, or no symmetric memory in this torch
         log.info("one-shot all-reduce unavailable (%s); NCCL does every all-reduce", e)
+
+
+def abort_one_shot_all_reduce() -> None:
+    """A peer is gone: the one-shot kernels stop waiting for it (safe from any thread)."""
+    if _one_shot is not None:
+        _one_shot.abort()
 
 
 def disable_one_shot_all_reduce() -> OneShotAllReduce | None:
@@ -84,6 +123,15 @@ class TPGroup:
             return _one_shot(x)
         dist.all_reduce(x)
         return x
+
+    def all_reduce_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                            rms_norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """rms_norm(all_reduce(x), weight, eps, residual) as (normed, sum): one launch for all three where the one-shot
+        all-reduce takes x; `rms_norm` is the device's norm for the other cases."""
+        if self.size > 1 and _one_shot is not None and _one_shot.fits(x):
+            return _one_shot.rms_norm(x, weight, eps, residual)
+        x = self.all_reduce(x)
+        return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along the last dimension, in rank order."""

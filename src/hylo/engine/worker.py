@@ -70,7 +70,7 @@ class ModelWorker:
         self.graphs = None
 
     def enable_one_shot_all_reduce(self) -> None:
-        enable_one_shot_all_reduce(self.device)
+        enable_one_shot_all_reduce(self.device, self.model_config.text.hidden_size, self.dtype)
 
     def cache_budget(self, max_model_len: int) -> int:
         """Bytes this rank can give to KV blocks and GDN state: kv_cache_memory_bytes if set, CPU_CACHE_BYTES on the

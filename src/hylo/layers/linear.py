@@ -54,7 +54,8 @@ class ColumnLinear(LoRALinear, nn.Module):
 
 
 class RowLinear(LoRALinear, nn.Module):
-    """y = Σ_ranks x_local·W_localᵀ: the input is split by `proj.blocks`, partial sums are all-reduced."""
+    """y = Σ_ranks x_local·W_localᵀ: the input is split by `proj.blocks`; forward returns this rank's partial sum, which
+    the next norm of the residual stream reduces (`ResidualNorm`)."""
 
     def __init__(self, proj: Proj, out_features: int, tp: TPGroup, owner: str = ""):
         super().__init__()
@@ -70,7 +71,7 @@ class RowLinear(LoRALinear, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The LoRA delta of a row-parallel layer is a partial sum too: it joins the same all-reduce.
-        return self.tp.all_reduce(self.add_lora(x, F.linear(x, self.weight)))
+        return self.add_lora(x, F.linear(x, self.weight))
 
 
 class ReplicatedLinear(LoRALinear, nn.Module):

@@ -82,7 +82,6 @@ class Experts(nn.Module):
 class SparseMoE(nn.Module):
     def __init__(self, cfg, tp: TPGroup, ops: Ops, owner: str):
         super().__init__()
-        self.tp = tp
         self.ops = ops
         self.top_k = cfg.num_experts_per_tok
         # PEFT cannot wrap the router (not an nn.Linear in the reference), so it takes no LoRA here either.
@@ -93,6 +92,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.ops.route(self.gate(x), self.top_k)
-        # The routed partial sums are all-reduced before the (already reduced) shared expert joins them.
-        routed = self.tp.all_reduce(self.experts(x, weights, experts))
+        # Both terms are this rank's partial sums and the gate is the same on every rank, so the next norm's one
+        # all-reduce sums the whole block.
+        routed = self.experts(x, weights, experts)
         return self.ops.sigmoid_gated_add(routed, self.shared_expert_gate(x), self.shared_expert(x))

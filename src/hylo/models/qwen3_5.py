@@ -18,7 +18,7 @@ from hylo.layers.embedding import LMHead, VocabEmbedding
 from hylo.layers.gdn import GatedDeltaNet
 from hylo.layers.mlp import MLP
 from hylo.layers.moe import SparseMoE
-from hylo.layers.norm import RMSNorm
+from hylo.layers.norm import ResidualNorm
 from hylo.state import CacheShapes, CacheTensors
 
 
@@ -27,18 +27,19 @@ class DecoderLayer(nn.Module):
         super().__init__()
         owner = f"layers.{index}."
         self.is_linear = cfg.layer_types[index] == "linear_attention"
-        self.input_layernorm = RMSNorm("input_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.input_layernorm = ResidualNorm("input_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ops, tp)
         if self.is_linear:
             self.linear_attn = GatedDeltaNet(cfg, tp, ops, owner + "linear_attn.")
         else:
             self.self_attn = GatedAttention(cfg, tp, ops, owner + "self_attn.")
-        self.post_attention_layernorm = RMSNorm("post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = ResidualNorm("post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps, ops, tp)
         self.mlp = SparseMoE(cfg, tp, ops, owner + "mlp.") if moe else MLP(cfg.hidden_size, cfg.intermediate_size, tp, ops, owner + "mlp.")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: Batch, state: tuple[torch.Tensor, ...]):
-        """x: the previous layer's output, residual: the stream before it (None at the first layer). Each sum is
-        formed inside the next norm, one launch for both; returns (output, residual) the same way."""
-        h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+        """x: the previous layer's output as this rank's partial sum, residual: the stream before it (None at the first
+        layer). Each sum, over the ranks and with the residual, is formed inside the next norm, one launch for all;
+        returns (output, residual) the same way."""
+        h, residual = self.input_layernorm(x, residual)
         h = self.linear_attn(h, batch, *state) if self.is_linear else self.self_attn(h, batch, *state)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
@@ -49,7 +50,7 @@ class TextModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding("embed_tokens", cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, moe, tp, ops) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm("norm", cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.norm = ResidualNorm("norm", cfg.hidden_size, cfg.rms_norm_eps, ops, tp)
 
 
 class Qwen3_5ForCausalLM(nn.Module):

@@ -1,0 +1,85 @@
+"""One-shot all-reduce of rows over peer-to-peer symmetric memory, optionally with the residual add and RMSNorm that
+follow every all-reduce of the residual stream, in one launch.
+
+Each program owns one row. It copies its row into this rank's buffer, publishes the row's epoch (how many times this
+row slot has been reduced) in every rank's flag table, waits until every rank has published it, then sums the ranks'
+rows in rank order (so that every rank gets the same bits). Buffers alternate by the epoch's parity: a rank writes a
+row slot again only two epochs later, after every peer has published the epoch in between, which a peer does only
+once its previous kernel, the reader of that slot, has finished. The epochs live on the device, so a captured CUDA
+graph replays correctly without any host-side counter.
+
+A peer that died never publishes: the wait also reads an abort flag in pinned host memory (every few thousand spins,
+since each such read crosses PCIe), which the engine raises when it finds a worker gone; from then on every wait
+gives up at once (a sticky flag on the device), the kernels finish with meaningless sums, and the host gets control
+back instead of blocking behind a kernel that would spin forever.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ABORT_CHECK_SPINS = tl.constexpr(4096)  # spins between reads of the host's abort flag
+
+
+@triton.jit
+def _wait_for_peers(own_flags, row, epoch, abort_host, dead, W: tl.constexpr):
+    addrs = own_flags + row * W + tl.arange(0, W)
+    seen = tl.atomic_add(addrs, 0, sem="acquire", scope="sys")
+    given_up = tl.load(dead, volatile=True)
+    spins = 0
+    while (tl.min(seen, axis=0) < epoch) & (given_up == 0):
+        seen = tl.atomic_add(addrs, 0, sem="acquire", scope="sys")
+        spins += 1
+        if spins % ABORT_CHECK_SPINS == 0:
+            given_up = tl.load(abort_host, volatile=True)
+            if given_up != 0:
+                tl.store(dead, 1)
+
+
+@triton.jit
+def _all_reduce_rows_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, data_bases, flag_bases, epochs, abort_host, dead,
+                            n_cols, capacity_rows, eps, rank, W: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
+                            HAS_RES: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dtype = x_ptr.dtype.element_ty
+    epoch = tl.load(epochs + row) + 1
+    tl.store(epochs + row, epoch)
+    offset = ((epoch % 2) * capacity_rows + row) * n_cols
+    own = tl.multiple_of(tl.load(data_bases + rank).to(tl.pointer_type(dtype)), 16)
+    tl.store(own + offset + cols, tl.load(x_ptr + row * n_cols + cols, mask=mask), mask=mask)
+    tl.debug_barrier()  # the whole row is written before any rank is told so
+    peers = tl.arange(0, W)
+    peer_flags = tl.load(flag_bases + peers).to(tl.pointer_type(tl.int64))
+    tl.atomic_xchg(peer_flags + row * W + rank, epoch, sem="release", scope="sys")
+    own_flags = tl.load(flag_bases + rank).to(tl.pointer_type(tl.int64))
+    _wait_for_peers(own_flags, row, epoch, abort_host, dead, W)
+    tl.debug_barrier()
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for p in tl.static_range(W):
+        peer = tl.multiple_of(tl.load(data_bases + p).to(tl.pointer_type(dtype)), 16)
+        total += tl.load(peer + offset + cols, mask=mask, other=0.0, volatile=True).to(tl.float32)
+    x = total.to(dtype)  # what an all-reduce in the activation dtype returns
+    if NORM:
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n_cols + cols, (xf * rstd * (1.0 + w)).to(dtype), mask=mask)
+    else:
+        tl.store(out_ptr + row * n_cols + cols, x, mask=mask)
+
+
+def launch_all_reduce_rows(x, residual, weight, eps: float, out, res_out, data_bases, flag_bases, epochs, abort_host, dead,
+                           capacity_rows: int, rank: int, world_size: int, norm: bool) -> None:
+    rows, n_cols = x.shape
+    _all_reduce_rows_kernel[(rows,)](
+        x, residual if residual is not None else x, weight if weight is not None else x, out, res_out if res_out is not None else out,
+        data_bases, flag_bases, epochs, abort_host, dead, n_cols, capacity_rows, eps, rank,
+        W=world_size, BLOCK=triton.next_power_of_2(n_cols), NORM=norm, HAS_RES=residual is not None,
+        num_warps=8 if n_cols >= 2048 else 4,
+    )

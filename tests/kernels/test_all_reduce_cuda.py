@@ -1,0 +1,108 @@
+"""The one-shot all-reduce kernel (with and without the fused residual add and RMSNorm) on two GPUs against NCCL and
+the torch reference (marked `gpu`, skipped where fewer than two GPUs are present): sums equal to NCCL's in the
+activation dtype, identical bits on every rank, eager and inside a replayed CUDA graph, and a peer that never comes
+ends the wait once the abort flag is raised."""
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hylo.distributed import OneShotAllReduce
+from hylo.engine.executor import _free_port
+from hylo.kernels import reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
+
+WIDTH = 72  # not a power of two: the kernel's masked tail is exercised
+EPS = 1e-6
+
+
+def _start(rank: int, port: int) -> None:
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
+
+
+def _expected(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor):
+    total = x.float().clone()
+    dist.all_reduce(total)  # in float32 the sum of two values is exact: rounding it once is what the kernel must give
+    total = total.to(x.dtype)
+    return total, reference.rms_norm(total, weight, EPS, residual)
+
+
+def _same_on_every_rank(t: torch.Tensor) -> None:
+    pieces = [torch.empty_like(t) for _ in range(2)]
+    dist.all_gather(pieces, t)
+    assert torch.equal(pieces[0], pieces[1])
+
+
+def _sums_and_norms(rank: int, port: int, dtype: torch.dtype) -> None:
+    _start(rank, port)
+    one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, dtype, max_bytes=64 * WIDTH * dtype.itemsize)
+    weight = torch.randn(WIDTH, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(dtype) * 0.1
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    g = torch.Generator("cuda").manual_seed(1 + rank)
+    for call, rows in enumerate([1, 3, 64, 17, 1, 64, 2] * 3):  # row slots reused at both parities, with odd counts between
+        x = torch.randn(rows, WIDTH, device="cuda", dtype=dtype, generator=g)
+        residual = torch.randn(rows, WIDTH, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(100 + call))
+        total, (normed, summed) = _expected(x, residual, weight)
+        assert torch.equal(one_shot(x), total)
+        got_normed, got_summed = one_shot.rms_norm(x, weight, EPS, residual)
+        assert torch.equal(got_summed, summed)
+        torch.testing.assert_close(got_normed, normed, **tol)
+        got_normed, got_summed = one_shot.rms_norm(x, weight, EPS, None)
+        assert torch.equal(got_summed, total)
+        torch.testing.assert_close(got_normed, reference.rms_norm(total, weight, EPS), **tol)
+        _same_on_every_rank(got_normed)
+    # Captured: a graph of several all-reduces replayed with new inputs each time.
+    x = torch.zeros(5, WIDTH, device="cuda", dtype=dtype)
+    residual = torch.zeros_like(x)
+    one_shot(x), one_shot.rms_norm(x, weight, EPS, residual)  # compiled before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        reduced = one_shot(x)
+        normed, summed = one_shot.rms_norm(reduced, weight, EPS, residual)
+    for _ in range(20):
+        x.copy_(torch.randn(x.shape, device="cuda", dtype=dtype, generator=g))
+        residual.copy_(torch.randn(x.shape, device="cuda", dtype=dtype, generator=g))
+        graph.replay()
+        total, _ = _expected(x, None, weight)
+        _, (want_normed, want_summed) = _expected(total, residual, weight)
+        assert torch.equal(reduced, total)
+        assert torch.equal(summed, want_summed)
+        torch.testing.assert_close(normed, want_normed, **tol)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_shot_sums_equal_nccl_and_norms_equal_the_reference(dtype):
+    mp.spawn(_sums_and_norms, args=(_free_port(), dtype), nprocs=2)
+
+
+def _abandoned(rank: int, port: int) -> None:
+    _start(rank, port)
+    one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, torch.bfloat16, max_bytes=64 * WIDTH * 2)
+    x = torch.ones(4, WIDTH, device="cuda", dtype=torch.bfloat16)
+    one_shot(x)  # both ranks once: compiled and in step
+    torch.cuda.synchronize()
+    dist.barrier()
+    if rank == 1:
+        return  # never takes part again: rank 0 waits for it until told to stop
+    threading.Timer(1.0, one_shot.abort).start()
+    start = time.monotonic()
+    for _ in range(8):  # the first waits for the abort; the rest must not wait at all
+        one_shot.rms_norm(x, x[0], EPS, x)
+    torch.cuda.synchronize()
+    assert 0.9 < time.monotonic() - start < 20
+
+
+def test_a_peer_that_never_comes_is_abandoned_when_the_abort_flag_is_raised():
+    mp.spawn(_abandoned, args=(_free_port(),), nprocs=2)
