@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from hylo.batch import StepInput
 from hylo.config import ModelConfig
-from hylo.distributed import TPGroup, can_enable_one_shot_all_reduce, disable_one_shot_all_reduce
+from hylo.distributed import TPGroup, abort_one_shot_all_reduce, can_enable_one_shot_all_reduce, disable_one_shot_all_reduce
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
 from hylo.engine.step_channel import PIPE, SHARED_POLL_SECONDS, STEP, StepChannel
@@ -34,6 +34,8 @@ from hylo.engine.worker_watch import WorkerWatch
 
 log = logging.getLogger("hylo")
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)  # a hung peer fails the step rather than the process
+# How long the worker watch leaves NCCL to the driver's own thread after a worker's exit (see _worker_exited).
+LEAVE_GRACE_SECONDS = 5.0
 
 
 class WorkerDied(RuntimeError):
@@ -146,6 +148,7 @@ class Executor:
         self.dead: str | None = None
         self.lost: tuple[int, int | None] | None = None  # (rank, exit code) of a worker the watch found gone
         self.watch: WorkerWatch | None = None
+        self._leaving = threading.Event()  # the driver's thread is stopping the workers and leaving the group
         self.device = device
         try:
             if self.size > 1:
@@ -284,12 +287,17 @@ class Executor:
             self._died(rank, self.procs[rank - 1], what)
 
     def _worker_exited(self, rank: int, code: int | None) -> None:
-        """The watch's callback, on its thread: NCCL's kernels waiting for the dead rank are ended, so that the
-        driver's thread gets back from whatever host sync waits behind them."""
+        """The watch's callback, on its thread: the kernels waiting for the dead rank are ended, so that the driver's
+        thread gets back from whatever host sync or launch waits behind them."""
         self.lost = (rank, code)
         log.error("tensor-parallel worker rank %d exited (code %s)", rank, code)
         if self.device.type == "cuda":
-            _leave_group()
+            abort_one_shot_all_reduce()
+            # The driver's thread then usually reaches its acknowledgement check and leaves the group itself. NCCL's
+            # abort from this thread while that one is inside an NCCL call hung both (two H200s, the LM head's
+            # all-gather), so this thread aborts only if the driver's thread is still stuck after a grace period.
+            if not self._leaving.wait(LEAVE_GRACE_SECONDS):
+                _leave_group()
 
     def _died(self, rank: int, proc: mp.Process, what: str) -> None:
         proc.join(1)
@@ -299,6 +307,7 @@ class Executor:
         raise WorkerDied(self.dead) from None
 
     def shutdown(self) -> None:
+        self._leaving.set()
         if self.watch is not None:
             self.watch.stop()
             self.watch = None

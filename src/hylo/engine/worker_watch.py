@@ -1,10 +1,10 @@
 """A thread that notices a tensor-parallel worker's exit when it happens, not at the driver's next look.
 
 On GPUs the driver's own thread may by then be blocked for good: a collective of the step it is running waits on the
-GPU for the dead peer, and the next host sync waits behind it. NCCL's communicators can be aborted, which ends their
-kernels, so the executor's callback aborts them; the driver's thread then fails its next collective, or finds the
-worker gone at its acknowledgement check, and reports WorkerDied. (The one-shot all-reduce's kernels cannot be ended
-that way: torch's symmetric-memory barriers wait without a timeout.)
+GPU for the dead peer, and the next host sync (or kernel launch, once the launch queue is full) waits behind it. The
+executor's callback therefore tells the one-shot all-reduce's kernels to stop waiting, and aborts NCCL's communicators
+if the driver's thread has not left the group itself within a grace period; the driver's thread then fails its next
+collective, or finds the worker gone at its acknowledgement check, and reports WorkerDied.
 """
 
 from __future__ import annotations
