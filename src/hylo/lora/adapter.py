@@ -7,7 +7,12 @@ module the config targets must have its tensors; anything else is refused, never
 from __future__ import annotations
 
 import itertools
+import json
+import math
+import mmap
 import re
+import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +87,9 @@ class Adapter:
     report: list[TensorReport] = field(default_factory=list)
 
 
+_declarations: weakref.WeakKeyDictionary[nn.Module, tuple[dict[str, LoRATarget], dict[str, str]]] = weakref.WeakKeyDictionary()
+
+
 def read_adapter(
     request: LoRARequest, model: nn.Module, model_config: ModelConfig, max_rank: int, strict: bool = True
 ) -> Adapter:
@@ -96,8 +104,9 @@ def read_adapter(
         raise AdapterError(f"adapter '{request.lora_name}': folder '{folder}' does not exist")
     config = read_peft_config(folder)
     shapes, tensors = _open_tensors(folder, request.lora_name)
-    targets = lora_targets(model)
-    reader = _Reader(request, config, model_config, targets, untargetable(model), max_rank, read_values=not strict)
+    if model not in _declarations:  # worked out once per model: a read runs beside the decode steps
+        _declarations[model] = (lora_targets(model), untargetable(model))
+    reader = _Reader(request, config, model_config, *_declarations[model], max_rank, read_values=not strict)
     adapter = reader.read(shapes, tensors)
     errors = reader.config_errors + [r for r in adapter.report if r.error]
     if errors and strict:
@@ -118,10 +127,14 @@ def _open_tensors(folder: Path, name: str) -> tuple[dict[str, list[int]], dict[s
 
     try:
         if st.is_file():
-            handle = safe_open(str(st), "pt")
-            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+            handle = safe_open(str(st), "pt")  # checks the header, and that its tensors cover the file exactly
+            mapped = _mapped_tensors(st)
+            shapes = {key: list(mapped[key].shape) if key in mapped else handle.get_slice(key).get_shape() for key in handle.keys()}
 
             def fetcher(key: str):
+                if key in mapped:
+                    return lambda rows, cols, full=mapped[key]: full[rows, cols]
+
                 def fetch(rows: slice, cols: slice) -> torch.Tensor:
                     try:
                         return handle.get_slice(key)[rows, cols]
@@ -136,7 +149,7 @@ def _open_tensors(folder: Path, name: str) -> tuple[dict[str, list[int]], dict[s
                 return lambda rows, cols: loaded[key][rows, cols]
         else:
             raise AdapterError(f"adapter '{name}': '{folder}' has no adapter_model.safetensors or adapter_model.bin")
-    except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:  # ValueError: the file changed since opened
         raise corrupt(e) from None
     tensors = {}
     for key, shape in shapes.items():
@@ -144,6 +157,28 @@ def _open_tensors(folder: Path, name: str) -> tuple[dict[str, list[int]], dict[s
         if len(shape) == 2:
             tensors[key] = LazyTensor.stored(fetcher(key), shape, module, matrix)
     return shapes, tensors
+
+
+# safetensors' dtype names → torch's, for the dtypes an adapter's A and B are stored in
+_FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's non-empty float tensors as views of one copy-on-write mapping of it (its header checked by safe_open):
+    a rank's slices are views, copied once, straight into its image (AdapterStore.register), and only their pages are
+    read. Other tensors, and every tensor on a big-endian host, are read by safetensors."""
+    if sys.byteorder != "little":
+        return {}
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable (as torch.frombuffer wants), never written
+    out = {}
+    for key, info in header.items():
+        if key != "__metadata__" and info["dtype"] in _FLOAT_DTYPES and math.prod(info["shape"]):
+            out[key] = torch.frombuffer(data, dtype=_FLOAT_DTYPES[info["dtype"]], count=math.prod(info["shape"]),
+                                        offset=8 + size + info["data_offsets"][0]).view(info["shape"])
+    return out
 
 
 class _Reader:
@@ -242,7 +277,7 @@ class _Reader:
         b = b.scaled(scaling)
         if self.read_values:  # serving checks the values each rank reads (AdapterStore.register)
             for t in (a, b):
-                if why := t.non_finite(t.read()):
+                if why := t.non_finite(t.values()):
                     return why
         weights[target.name] = (a, b)
         return None

@@ -16,7 +16,7 @@ def _as_slice(r: range) -> slice:
 @dataclass(frozen=True)
 class LazyTensor:
     """Rows `rows` and columns `cols` of a stored [height, width] tensor, times `scale` (applied in float32 and
-    rounded back, as PEFT's scaling of B). `fetch(rows, cols)` reads a block of the stored tensor."""
+    rounded back, as PEFT's scaling of B: `values`). `fetch(rows, cols)` reads a block of the stored tensor."""
 
     fetch: Callable[[slice, slice], torch.Tensor]
     rows: range
@@ -41,8 +41,13 @@ class LazyTensor:
         return replace(self, scale=self.scale * factor)
 
     def read(self) -> torch.Tensor:
-        values = self.fetch(_as_slice(self.rows), _as_slice(self.cols))
-        return values if self.scale == 1.0 else values.float().mul_(self.scale).to(values.dtype)
+        """The stored values, before `scale`: a view of the file's mapping (nothing copied) where the file allows."""
+        return self.fetch(_as_slice(self.rows), _as_slice(self.cols))
+
+    def values(self) -> torch.Tensor:
+        """read() times `scale`, in float32 and rounded back; a new tensor (never the file's values changed in place)."""
+        values = self.read()
+        return values if self.scale == 1.0 else values.to(torch.float32, copy=True).mul_(self.scale).to(values.dtype)
 
     def non_finite(self, values: torch.Tensor) -> str | None:
         """Why `values` (read from this tensor) cannot serve, if they hold NaN or infinity."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -31,23 +33,29 @@ class AdapterStore:
     @torch.no_grad()
     def register(self, request: LoRARequest) -> None:
         """Read and validate the adapter's folder (AdapterError if refused), then lay this rank's share out in host
-        memory exactly as a slot holds it (pinned on CUDA), so that loading it is one async copy per tensor."""
+        memory exactly as a slot holds it (pinned on CUDA), so that loading it is one async copy per tensor.
+
+        Reads run beside the decode steps, and each torch call gives up the GIL, which can take a switch interval to
+        come back: several calls per slice made a read take a second, so the share is placed with a handful (one
+        allocation, one copy, one check) whatever the number of slices."""
         adapter: Adapter = read_adapter(request, self.model, self.model_config, self.max_rank)
-        pinned = next(self.model.parameters()).is_cuda
-        image: dict[nn.Module, list[torch.Tensor]] = {}
-
-        def read(t: LazyTensor) -> torch.Tensor:  # this rank's share only; the ranks' shares cover every value
-            values = t.read()
-            if why := t.non_finite(values):
-                raise AdapterError(f"adapter '{request.lora_name}' ({request.lora_path}) is refused:\n  {t.module}: {why}")
-            return values
-
+        layers = dict.fromkeys(self.targets[name].layer for name in adapter.weights)
+        image, buffers = _zeroed_image(layers, pinned=next(self.model.parameters()).is_cuda)
+        writes: list[tuple[torch.Tensor, LazyTensor]] = []  # (its place in the image, slice) for each slice this rank reads
         for name, (a, b) in adapter.weights.items():
             target = self.targets[name]
-            if target.layer not in image:
-                image[target.layer] = [torch.zeros(t.shape, dtype=t.dtype, pin_memory=pinned) for t in target.layer.lora_slot(0)]
             a_view, b_view = target.layer.lora_views(image[target.layer], target.part)
-            write_lora_part(target.part, a_view, b_view, a, b, self.tp.rank, self.tp.size, read)
+            # It places the slices themselves (LazyTensors, not read yet): _copy reads and copies them all at once.
+            write_lora_part(target.part, _Deferred(a_view, writes), _Deferred(b_view, writes), a, b, self.tp.rank, self.tp.size,
+                            lambda t: t)
+        _copy(writes)
+        # Every value this rank reads lands in the image (the ranks' shares cover every value), and NaN and infinity
+        # survive the slot's dtype: one check of all of it; only if that fails is each slice checked as read, which
+        # decides the refusal and names the module.
+        if not all(_finite(buffer) for buffer in buffers):
+            for _, t in writes:
+                if why := t.non_finite(t.values()):
+                    raise AdapterError(f"adapter '{request.lora_name}' ({request.lora_path}) is refused:\n  {t.module}: {why}")
         self.images[request.lora_int_id] = image
 
     def forget(self, lora_id: int) -> None:
@@ -97,3 +105,56 @@ class AdapterStore:
         self.batch.per_token = True
         self.batch.sorted_rows = None
         self.batch.groups = []
+
+
+class _Deferred:
+    """A slot view as `write_lora_part` sees it: records which slice goes where, for `_copy` to copy them all at once."""
+
+    def __init__(self, view: torch.Tensor, writes: list[tuple[torch.Tensor, LazyTensor]]):
+        self.view, self.writes = view, writes
+
+    def __setitem__(self, index, t: LazyTensor) -> None:
+        self.writes.append((self.view[index], t))
+
+
+def _zeroed_image(layers, pinned: bool) -> tuple[dict[nn.Module, list[torch.Tensor]], list[torch.Tensor]]:
+    """Host tensors shaped like each layer's slot, carved out of one zeroed buffer per dtype (returned too): one
+    allocation, not one per tensor."""
+    slots = {layer: layer.lora_slot(0) for layer in layers}
+    sizes: dict[torch.dtype, int] = {}
+    for t in itertools.chain.from_iterable(slots.values()):
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    buffers = {dtype: torch.zeros(n, dtype=dtype, pin_memory=pinned) for dtype, n in sizes.items()}
+    used = dict.fromkeys(sizes, 0)
+    image = {}
+    for layer, tensors in slots.items():
+        image[layer] = []
+        for t in tensors:
+            image[layer].append(buffers[t.dtype][used[t.dtype] : used[t.dtype] + t.numel()].view(t.shape))
+            used[t.dtype] += t.numel()
+    return image, list(buffers.values())
+
+
+def _copy(writes: list[tuple[torch.Tensor, LazyTensor]]) -> None:
+    """Every slice into its place in one torch call, those with a scale (B) multiplied first, one call per scale
+    (torch's _foreach ops, as torch.optim uses: one call for a list of tensors)."""
+    sources = [t.read() for _, t in writes]
+    scales: dict[float, list[int]] = {}
+    for i, (_, t) in enumerate(writes):
+        if t.scale != 1.0:
+            scales.setdefault(t.scale, []).append(i)
+    for scale, indices in scales.items():
+        # Out of place, bf16 and fp16 are multiplied in float32 and rounded back, exactly as LazyTensor.values does
+        # (multiplying the image in place rounds differently); other dtypes go through LazyTensor.values.
+        fast = [i for i in indices if sources[i].dtype in (torch.bfloat16, torch.float16, torch.float32)]
+        for i, product in zip(fast, torch._foreach_mul([sources[i] for i in fast], scale)):
+            sources[i] = product
+        for i in set(indices) - set(fast):
+            sources[i] = writes[i][1].values()
+    if writes:
+        torch._foreach_copy_([place for place, _ in writes], sources)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # The extremes propagate NaN and show ±inf: one reduction (as LazyTensor.non_finite).
+    return t.numel() == 0 or all(torch.isfinite(v) for v in torch.aminmax(t))
