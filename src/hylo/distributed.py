@@ -14,7 +14,7 @@ log = logging.getLogger("hylo")
 # bf16, µs per all-reduce inside a CUDA graph (NCCL / torch's one-shot kernel, which ours replaced): 8 KiB 11.8 / 6.7,
 # 512 KiB 15.5 / 11.2, 2 MiB 32.2 / 21.5, 4 MiB 37.4 / 35.4, 16 MiB 83.2 / 134.
 ONE_SHOT_MAX_BYTES = 4 << 20
-FLAG_ALIGN = 256
+FLAG_ALIGN = 256  # bytes: the rows after the flag table start aligned for vector loads
 
 
 class OneShotAllReduce:
@@ -57,7 +57,7 @@ class OneShotAllReduce:
         return out, res_out
 
     def abort(self) -> None:
-        """A peer is gone: waits for it end (from any thread; the kernels read this flag while they spin)."""
+        """A peer is gone: every wait for it ends (safe from any thread; the kernels read this flag while they spin)."""
         self.abort_host.fill_(1)
 
     def _launch(self, x, residual, weight, eps, out, res_out, norm: bool) -> None:
