@@ -5,7 +5,10 @@ Each engine here starts worker processes, so each test builds its own and shuts 
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +122,42 @@ def test_shutdown_leaves_no_process(checkpoints):
     assert all(p.is_alive() for p in procs)
     llm.llm_engine.shutdown()
     assert not any(p.is_alive() for p in procs)
+
+
+DRIVER = """
+import sys, time
+from hylo import LLM
+
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], device="cpu", dtype="float32", progress=False, tensor_parallel_size=2, kv_cache_memory_bytes=1 << 26)
+    print(llm.llm_engine.executor.procs[0].pid, flush=True)
+    time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split()[:2] == ["State:", "Z"] for line in f)  # exited, not yet reaped by its new parent
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_exit_when_their_driver_is_killed(checkpoints, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH")]))}
+    driver = subprocess.Popen([sys.executable, str(script), checkpoints("dense")], stdout=subprocess.PIPE, text=True, env=env)
+    worker = None
+    try:
+        worker = int(driver.stdout.readline())
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 20
+        while not _gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(worker), "the worker outlived its driver"
+    finally:
+        driver.kill()
+        if worker is not None and not _gone(worker):
+            os.kill(worker, signal.SIGKILL)

@@ -61,6 +61,26 @@ def _init_group(rank: int, size: int, port: int, device: torch.device) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
 
 
+class _Driver:
+    """The driver as a worker's watch sees a process: alive while it is still the worker's parent."""
+
+    exitcode = None
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def is_alive(self) -> bool:
+        return os.getppid() == self.pid
+
+
+def _driver_gone(_rank: int, _code: int | None) -> None:
+    """The driver exited without stopping this worker (killed mid-step, say): nobody will read this rank's results,
+    and a collective of the step may wait on the GPU for ever for the driver's part. The one-shot all-reduce's waits
+    end, and so does the process, its GPU memory with it."""
+    abort_one_shot_all_reduce()
+    os._exit(1)
+
+
 def _worker_main(conn, channel_name: str, config: EngineConfig, model_config: ModelConfig, rank: int, port: int, device_type: str,
                  dtype: torch.dtype) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it shuts workers down
@@ -70,11 +90,12 @@ def _worker_main(conn, channel_name: str, config: EngineConfig, model_config: Mo
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     channel = StepChannel(size - 1, name=channel_name)
     driver_pid = os.getppid()
-    worker = None
+    worker = driver_watch = None
     try:
         conn.send(("ok", None))  # alive: the driver may now join the rendezvous without risking a long wait
         _init_group(rank, size, port, device)
         worker = ModelWorker(config, model_config, TPGroup(rank, size), device, dtype, progress=False)
+        driver_watch = WorkerWatch([_Driver(driver_pid)], _driver_gone)  # between steps the wait below notices too
         conn.send(("ok", None))
         while True:
             kind, packed = channel.wait(alive=lambda: os.getppid() == driver_pid, share_gil=worker.reading)
@@ -105,6 +126,8 @@ def _worker_main(conn, channel_name: str, config: EngineConfig, model_config: Mo
         except OSError:
             pass
     finally:
+        if driver_watch is not None:
+            driver_watch.stop()
         channel.close()
         worker = None  # its graphs and symmetric memory go before the group
         disable_one_shot_all_reduce()

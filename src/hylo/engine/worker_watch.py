@@ -5,6 +5,8 @@ GPU for the dead peer, and the next host sync (or kernel launch, once the launch
 executor's callback therefore tells the one-shot all-reduce's kernels to stop waiting, and aborts NCCL's communicators
 if the driver's thread has not left the group itself within a grace period; the driver's thread then fails its next
 collective, or finds the worker gone at its acknowledgement check, and reports WorkerDied.
+
+Each worker watches its driver the same way (`executor._Driver`), and ends itself if the driver dies mid-step.
 """
 
 from __future__ import annotations
