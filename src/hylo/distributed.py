@@ -93,6 +93,12 @@ def enable_one_shot_all_reduce(device: torch.device, width: int, dtype: torch.dt
         _one_shot = OneShotAllReduce(device, width, dtype)
     except Exception as e:  # no peer access between these GPUs, or no symmetric memory in this torch
         log.info("one-shot all-reduce unavailable (%s); NCCL does every all-reduce", e)
+        return
+    import torch.distributed._symmetric_memory as symm_mem
+
+    # The backend decides what symmetric memory costs and whether it is ever given back (an NVSHMEM heap is not).
+    log.info("one-shot all-reduce on, up to %d rows of %d; symmetric memory backend %s", _one_shot.capacity_rows, width,
+             symm_mem.get_backend(device))
 
 
 def abort_one_shot_all_reduce() -> None:
