@@ -1,6 +1,10 @@
 """Tensor parallelism on CUDA GPUs over NCCL (marked `gpu`; each test skipped where fewer GPUs than it needs are
 present): at TP=2 and TP=4 the same tokens as one GPU and as HF+PEFT (at TP=4 the tiny models' 2 KV heads are
-replicated), graphs equal to eager across adapter swaps, worker death reported, shutdown leaving nothing behind."""
+replicated), graphs equal to eager across adapter swaps, worker death reported, shutdown leaving nothing behind.
+
+Only the first tensor-parallel engine of a process takes the one-shot all-reduce (fused with the norms); later ones
+use NCCL throughout. To test the one-shot path in every case, run each test in a pytest process of its own
+(`-k dense-2`, `-k moe-2`, ...)."""
 
 import faulthandler
 import os
