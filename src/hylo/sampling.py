@@ -146,6 +146,19 @@ class Sampled:
 def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> Sampled:
     """logits: [seqs, vocab] float32 → one token per row. Logprobs are those of the raw model output, as vLLM reports."""
     raw_logprobs = logits.log_softmax(dim=-1) if any(i.params.logprobs is not None for i in inputs) else None
+    tokens = sample_tokens(logits, inputs)
+    token_list = tokens.tolist()
+    if raw_logprobs is None:
+        return Sampled(token_list, None, None, None, None)
+    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
+    k = min(max(i.params.logprobs or 0 for i in inputs), logits.shape[1])
+    top = raw_logprobs.topk(k, dim=-1) if k else None
+    return Sampled(token_list, chosen, top.indices if top else None, top.values if top else None, ranks)
+
+
+def sample_tokens(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:
+    """The tokens alone, left on the logits' device: [seqs] int64."""
     logits = logits.clone()
     _restrict(logits, inputs)  # before the penalties, as vLLM orders them
     logits = _apply_penalties(logits, inputs)
@@ -156,14 +169,15 @@ def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> Sampled:
         probs = _filtered_probs(logits[rows], [inputs[r].params for r in stochastic])
         for j, r in enumerate(stochastic):
             tokens[r] = torch.multinomial(probs[j], 1, generator=_generator(inputs[r], logits.device))[0]
-    token_list = tokens.tolist()
-    if raw_logprobs is None:
-        return Sampled(token_list, None, None, None, None)
-    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
-    ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
-    k = min(max(i.params.logprobs or 0 for i in inputs), logits.shape[1])
-    top = raw_logprobs.topk(k, dim=-1) if k else None
-    return Sampled(token_list, chosen, top.indices if top else None, top.values if top else None, ranks)
+    return tokens
+
+
+def samples_on_device(p: SamplingParams) -> bool:
+    """Whether a row's next token can be sampled without the host knowing its previous one (async scheduling): greedy,
+    nothing in the sampler that reads the output so far or may leave no token (penalties, bad_words, grammar,
+    allowed_token_ids, min_tokens), and no logprobs to read back."""
+    return (p.greedy and p.logprobs is None and not p.bad_words and p.structured_outputs is None and p.allowed_token_ids is None
+            and not p.min_tokens and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
 
 
 class NoTokenAllowed(ValueError):
