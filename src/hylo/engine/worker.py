@@ -71,7 +71,7 @@ class ModelWorker:
         self.graphs = None
 
     def enable_one_shot_all_reduce(self) -> None:
-        enable_one_shot_all_reduce(self.device, self.model_config.text.hidden_size, self.dtype)
+        enable_one_shot_all_reduce(self.device, self.model_config.text.hidden_size, self.dtype, self.model.lm_head.block.local_size(self.tp.size))
 
     def cache_budget(self, max_model_len: int) -> int:
         """Bytes this rank can give to KV blocks and GDN state: kv_cache_memory_bytes if set, CPU_CACHE_BYTES on the
@@ -165,9 +165,9 @@ class ModelWorker:
 
     @torch.inference_mode()
     def execute(self, step: StepInput, pending: PendingTokens | None = None) -> torch.Tensor:
-        """Logits [sampled sequences, vocab] in float32 (every rank computes them; the driver samples). Prefix caching's
-        snapshot copies happen around the forward, outside any graph. `pending` (one process only): input tokens the
-        previous step sampled, still on the device."""
+        """Logits [sampled sequences, vocab] in float32 on the driver, which samples (other ranks' are not read). Prefix
+        caching's snapshot copies happen around the forward, outside any graph. `pending` (one process only): input
+        tokens the previous step sampled, still on the device."""
         if step.snapshot_restores:
             self.caches.restore_snapshots(step.snapshot_restores)
         logits = self._forward(step, pending)
