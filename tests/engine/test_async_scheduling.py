@@ -32,7 +32,7 @@ def summary(out):
 
 def test_a_mixed_batch_gets_what_it_gets_with_the_tokens_read_at_once(engines):
     on, off = engines("dense"), engines("dense", async_scheduling=False)
-    assert on.llm_engine._async and not off.llm_engine._async
+    assert on.llm_engine.async_scheduling and not off.llm_engine.async_scheduling
     reference = off.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     stop_token = reference[0].outputs[0].token_ids[4]  # a token that does come: the request stops early on it
     params = [
@@ -115,4 +115,4 @@ def test_preempting_a_sequence_with_a_token_in_flight_reads_it_back_first(checkp
 @pytest.mark.parametrize("options", [dict(enable_prefix_caching=True)])
 def test_prefix_caching_reads_every_token_at_once(engines, options):
     """Its block hashes need the real tokens, so it keeps the synchronous path."""
-    assert not engines("dense", **options).llm_engine._async
+    assert not engines("dense", **options).llm_engine.async_scheduling

@@ -102,8 +102,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._read_waiters: dict[int, list[Callable[[str | None], None]]] = {}  # adapter id → told when its read ends
         self._failed_outside_step: dict[str, Request] = {}  # reported by the next step
-        # Async scheduling: the last step's tokens, sampled on the device and read back while the next step runs.
-        self._async = config.async_scheduling and self.executor.size == 1 and prefix is None
+        # Async scheduling: the last step's tokens, sampled on the device and read back while the next step runs. Whether
+        # it is on may change between steps (the benchmark compares both on one engine).
+        self.async_scheduling = config.async_scheduling and self.executor.size == 1 and prefix is None
         self._in_flight: InFlight | None = None
 
     @property
@@ -349,7 +350,7 @@ class LLMEngine:
             self.scheduler.computed(step)
             if self._in_flight is not None:
                 self._read_back(touched)  # the previous step's tokens, while this one runs on the device
-            if sampling and self._async and all(self._samples_on_device(item.seq) for item in sampling):
+            if sampling and self.async_scheduling and all(self._samples_on_device(item.seq) for item in sampling):
                 self._in_flight = InFlight.start(logits, sampling, [self._sample_input(item) for item in sampling])
                 return [self._output(r) for r in touched.values()]
             for item, result in zip(sampling, self._sample(logits, sampling)):
