@@ -21,8 +21,11 @@ class InFlight:
 
     @staticmethod
     def start(logits: torch.Tensor, items: list[Scheduled], inputs: list[SampleInput]) -> InFlight:
-        tokens = sample_tokens(logits, inputs)
-        both = torch.stack([tokens, torch.isfinite(logits).all(dim=-1).to(tokens.dtype)])
+        finite = torch.isfinite(logits).all(dim=-1)
+        # A row that is not finite samples from zeros instead (the stochastic kernels must not meet NaN); its request
+        # fails when the row is read back, as the synchronous path fails it.
+        tokens = sample_tokens(torch.where(finite[:, None], logits, 0.0), inputs)
+        both = torch.stack([tokens, finite.to(tokens.dtype)])
         cuda = logits.is_cuda
         host = torch.empty(both.shape, dtype=both.dtype, pin_memory=cuda)
         host.copy_(both, non_blocking=cuda)
