@@ -3,6 +3,7 @@ step's inputs on the device). Every request must get exactly what it gets with t
 lengths, aborts, preemption and rows whose sampling needs the output so far included."""
 
 import pytest
+import torch
 
 from hylo import SamplingParams
 from hylo.engine.scheduler import PendingPreemption
@@ -30,20 +31,31 @@ def summary(out):
     return [(c.token_ids, c.finish_reason, c.stop_reason, c.logprobs and [sorted(lp) for lp in c.logprobs]) for c in out.outputs]
 
 
-def test_a_mixed_batch_gets_what_it_gets_with_the_tokens_read_at_once(engines):
+ELIGIBLE = [
+    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+    None,  # stops early on a token that does come (set below)
+    SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5),  # reads the output so far
+    SamplingParams(temperature=0.8, top_p=0.9, max_tokens=7, ignore_eos=True),  # the engine's generator
+    SamplingParams(temperature=0.7, seed=5, max_tokens=9, n=2, ignore_eos=True),  # seeded by position
+]
+
+
+@pytest.mark.parametrize("synchronous_row", [None, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=2)])
+def test_a_mixed_batch_gets_what_it_gets_with_the_tokens_read_at_once(engines, synchronous_row):
+    """Every row the device can keep (greedy, penalties, stochastic, seeded), alone or with a row that reads its tokens
+    at once (logprobs), which makes those steps synchronous."""
     on, off = engines("dense"), engines("dense", async_scheduling=False)
     assert on.llm_engine.async_scheduling and not off.llm_engine.async_scheduling
     reference = off.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     stop_token = reference[0].outputs[0].token_ids[4]  # a token that does come: the request stops early on it
-    params = [
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_token]),
-        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3),  # reads the output so far
-        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=2),
-        SamplingParams(temperature=0, max_tokens=9, n=2, ignore_eos=True),
-    ]
+    params = list(ELIGIBLE)
+    params[1] = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_token])
+    if synchronous_row is not None:
+        params[2] = synchronous_row
+    torch.manual_seed(3)  # the unseeded row draws from the process's generator: the same draws in both runs
     got = run(on.llm_engine, PROMPTS, params)
+    torch.manual_seed(3)
     want = run(off.llm_engine, PROMPTS, params)
     assert {k: summary(v) for k, v in got.items()} == {k: summary(v) for k, v in want.items()}
     assert got["r1"].outputs[0].finish_reason == "stop" and len(got["r1"].outputs[0].token_ids) < 12

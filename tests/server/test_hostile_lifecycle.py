@@ -86,14 +86,15 @@ def test_a_request_failing_alone_gets_an_error_and_the_batch_goes_on(monkeypatch
     from hylo.server.async_engine import AsyncEngine
     from hylo.server.metrics import Metrics
 
-    real_sample = engine_module.sample
+    def failing(real):  # the same fault in the synchronous sampler and in the one async scheduling uses
+        def sample(logits, inputs):
+            if any(i.params.seed == 13 for i in inputs):
+                raise RuntimeError("the sampler broke on this request")
+            return real(logits, inputs)
+        return sample
 
-    def sample(logits, inputs):
-        if any(i.params.seed == 13 for i in inputs):
-            raise RuntimeError("the sampler broke on this request")
-        return real_sample(logits, inputs)
-
-    monkeypatch.setattr(engine_module, "sample", sample)
+    monkeypatch.setattr(engine_module, "sample", failing(engine_module.sample))
+    monkeypatch.setattr(engine_module, "sample_tokens", failing(engine_module.sample_tokens))
     engine = LLMEngine(EngineConfig(model=str(BASE_DIR), device="cpu", max_model_len=4000, kv_cache_memory_bytes=32 << 20), progress=False)
     state = ServerState(AsyncEngine(engine, 64, Metrics()), "base", str(BASE_DIR))
 

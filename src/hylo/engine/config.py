@@ -39,8 +39,9 @@ class EngineConfig:
     load_format: str = _option("safetensors", "safetensors, or dummy (random weights, for benchmarks)")
     enforce_eager: bool = _option(False, "CUDA: run decode steps op by op instead of replaying captured graphs")
     async_scheduling: bool = _option(True, "let the host prepare the next step while the GPU runs this one, the sampled tokens "
-                                           "read back a step later (one process, no prefix caching; rows whose sampling reads "
-                                           "the output so far, such as penalties, grammars or logprobs, wait for their token)")
+                                           "read back a step later (one process, no prefix caching; a step with rows that ask "
+                                           "for logprobs or have a grammar, allowed_token_ids, bad_words or min_tokens reads "
+                                           "its tokens at once)")
     enable_prefix_caching: bool = _option(False, "reuse the KV blocks and GDN state of prompt prefixes already computed with the same "
                                                  "adapter (off by default until measured to cost nothing when nothing is shared)")
     max_n: int = _option(128, "sequences one request may ask for (n), as OpenAI's limit")

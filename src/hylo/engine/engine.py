@@ -32,7 +32,7 @@ from hylo.lora.request import LoRARequest
 from hylo.lora.slots import LoRASlots
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
 from hylo.outputs import CompletionOutput, Logprob, RequestOutput
-from hylo.sampling import InvalidParam, NoTokenAllowed, SampleInput, Sampled, SamplingParams, sample, samples_on_device
+from hylo.sampling import InvalidParam, NoTokenAllowed, SampleInput, Sampled, SamplingParams, sample, sample_tokens, samples_on_device
 from hylo.structured import GrammarCompiler, GrammarError
 
 log = logging.getLogger("hylo")
@@ -351,8 +351,11 @@ class LLMEngine:
             if self._in_flight is not None:
                 self._read_back(touched)  # the previous step's tokens, while this one runs on the device
             if sampling and self.async_scheduling and all(self._samples_on_device(item.seq) for item in sampling):
-                self._in_flight = InFlight.start(logits, sampling, [self._sample_input(item) for item in sampling])
-                return [self._output(r) for r in touched.values()]
+                try:
+                    self._in_flight = InFlight.start(logits, sampling, [self._sample_input(item) for item in sampling], sample_tokens)
+                    return [self._output(r) for r in touched.values()]
+                except Exception:  # sampled again below, where the row at fault fails by itself
+                    log.exception("sampling the batch on the device failed; sampling it row by row")
             for item, result in zip(sampling, self._sample(logits, sampling)):
                 request = item.seq.request
                 touched[request.request_id] = request

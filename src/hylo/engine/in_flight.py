@@ -3,13 +3,14 @@ scheduling): the host learns them one step late, and the next step takes them as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from hylo.engine.pending import PendingTokens
 from hylo.engine.scheduler import Scheduled
-from hylo.sampling import SampleInput, sample_tokens
+from hylo.sampling import SampleInput
 
 
 @dataclass
@@ -20,9 +21,15 @@ class InFlight:
     copied: torch.cuda.Event | None  # recorded after the copy (None on the CPU, where it is done at once)
 
     @staticmethod
-    def start(logits: torch.Tensor, items: list[Scheduled], inputs: list[SampleInput]) -> InFlight:
-        tokens = sample_tokens(logits, inputs)
-        both = torch.stack([tokens, torch.isfinite(logits).all(dim=-1).to(tokens.dtype)])
+    def start(logits: torch.Tensor, items: list[Scheduled], inputs: list[SampleInput],
+              sample_tokens: Callable[[torch.Tensor, list[SampleInput]], torch.Tensor]) -> InFlight:
+        """Sample on the device (`sample_tokens`, the engine's) and start copying the tokens back; nothing is changed if
+        sampling raises."""
+        finite = torch.isfinite(logits).all(dim=-1)
+        # A row that is not finite samples from zeros instead (the stochastic kernels must not meet NaN); its request
+        # fails when the row is read back, as the synchronous path fails it.
+        tokens = sample_tokens(torch.where(finite[:, None], logits, 0.0), inputs)
+        both = torch.stack([tokens, finite.to(tokens.dtype)])
         cuda = logits.is_cuda
         host = torch.empty(both.shape, dtype=both.dtype, pin_memory=cuda)
         host.copy_(both, non_blocking=cuda)
