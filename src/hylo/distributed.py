@@ -27,7 +27,6 @@ class OneShotAllReduce:
     def __init__(self, device: torch.device, width: int, dtype: torch.dtype, max_bytes: int = ONE_SHOT_MAX_BYTES):
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.group_name = dist.group.WORLD.group_name
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.width, self.dtype = width, dtype
         self.capacity_rows = max_bytes // (width * dtype.itemsize)
@@ -35,7 +34,7 @@ class OneShotAllReduce:
         self.buffer = symm_mem.empty(flag_bytes + 2 * self.capacity_rows * width * dtype.itemsize, dtype=torch.uint8, device=device)
         self.buffer[:flag_bytes].zero_()
         torch.cuda.synchronize(device)  # zeroed on every rank before any rank can signal: the rendezvous is a barrier
-        handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        handle = symm_mem.rendezvous(self.buffer, dist.group.WORLD.group_name)
         self.flag_bases = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.data_bases = self.flag_bases + flag_bytes
         self.epochs = torch.zeros(self.capacity_rows, dtype=torch.int64, device=device)
@@ -46,6 +45,8 @@ class OneShotAllReduce:
         return x.dim() == 2 and x.shape[1] == self.width and x.shape[0] <= self.capacity_rows and x.dtype == self.dtype and x.is_contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The all-reduce alone: the model always takes `rms_norm`; this is the kernel scripts/compare_all_reduce.py
+        measures against NCCL, and the tests check against NCCL's sums."""
         out = torch.empty_like(x)
         self._launch(x, None, None, 0.0, out, None, norm=False)
         return out
@@ -122,21 +123,15 @@ class TPGroup:
     rank: int = 0
     size: int = 1
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return x
-        if _one_shot is not None and _one_shot.fits(x):
-            return _one_shot(x)
-        dist.all_reduce(x)
-        return x
-
     def all_reduce_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
                             rms_norm) -> tuple[torch.Tensor, torch.Tensor]:
-        """rms_norm(all_reduce(x), weight, eps, residual) as (normed, sum): one launch for all three where the one-shot
-        all-reduce takes x; `rms_norm` is the device's norm for the other cases."""
-        if self.size > 1 and _one_shot is not None and _one_shot.fits(x):
-            return _one_shot.rms_norm(x, weight, eps, residual)
-        x = self.all_reduce(x)
+        """rms_norm(Σ_ranks x, weight, eps, residual) as (normed, sum): one launch for all three where the one-shot
+        all-reduce takes x, else NCCL (gloo on the CPU) and `rms_norm`, the device's norm. The model's only all-reduce:
+        every partial sum is reduced inside the residual stream's next norm."""
+        if self.size > 1:
+            if _one_shot is not None and _one_shot.fits(x):
+                return _one_shot.rms_norm(x, weight, eps, residual)
+            dist.all_reduce(x)
         return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
