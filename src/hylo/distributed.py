@@ -64,6 +64,8 @@ class OneShotAllReduce:
         return x.dim() == 2 and x.shape[1] == self.width and x.shape[0] <= self.capacity_rows and x.dtype == self.dtype and x.is_contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The all-reduce alone: the model always takes `rms_norm`; this is the kernel scripts/compare_all_reduce.py
+        measures against NCCL, and the tests check against NCCL's sums."""
         out = torch.empty_like(x)
         self._launch(x, None, None, 0.0, out, None, norm=False)
         return out
@@ -154,21 +156,15 @@ class TPGroup:
     rank: int = 0
     size: int = 1
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return x
-        if _one_shot is not None and _one_shot.fits(x):
-            return _one_shot(x)
-        dist.all_reduce(x)
-        return x
-
     def all_reduce_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
                             rms_norm) -> tuple[torch.Tensor, torch.Tensor]:
-        """rms_norm(all_reduce(x), weight, eps, residual) as (normed, sum): one launch for all three where the one-shot
-        all-reduce takes x; `rms_norm` is the device's norm for the other cases."""
-        if self.size > 1 and _one_shot is not None and _one_shot.fits(x):
-            return _one_shot.rms_norm(x, weight, eps, residual)
-        x = self.all_reduce(x)
+        """rms_norm(Σ_ranks x, weight, eps, residual) as (normed, sum): one launch for all three where the one-shot
+        all-reduce takes x, else NCCL (gloo on the CPU) and `rms_norm`, the device's norm. The model's only all-reduce:
+        every partial sum is reduced inside the residual stream's next norm."""
+        if self.size > 1:
+            if _one_shot is not None and _one_shot.fits(x):
+                return _one_shot.rms_norm(x, weight, eps, residual)
+            dist.all_reduce(x)
         return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
 
     def gather_last_to_driver(self, x: torch.Tensor) -> torch.Tensor:

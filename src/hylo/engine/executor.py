@@ -42,9 +42,10 @@ class WorkerDied(RuntimeError):
     """A tensor-parallel worker process exited; the engine cannot continue."""
 
 
-# A dead peer can leave a kernel waiting on this GPU until the process exits (the one-shot all-reduce's barriers have
-# no timeout), and freeing device memory waits for the whole device: an engine that lost a worker keeps its model,
-# caches and buffers here rather than free them and hang. A server exits after such a failure.
+# A dead peer can leave a kernel waiting on this GPU (an NCCL collective until its communicator is aborted, and the abort
+# itself was seen to hang; the one-shot all-reduce's waits end on its abort flag), and freeing device memory waits for
+# the whole device: an engine that lost a worker keeps its model, caches and buffers here rather than free them and
+# hang. A server exits after such a failure.
 _keep_after_loss: list = []
 
 
@@ -89,16 +90,16 @@ def _worker_main(conn, channel_name: str, config: EngineConfig, model_config: Mo
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     channel = StepChannel(size - 1, name=channel_name)
-    driver_pid = os.getppid()
+    driver = _Driver(os.getppid())
     worker = driver_watch = None
     try:
         conn.send(("ok", None))  # alive: the driver may now join the rendezvous without risking a long wait
         _init_group(rank, size, port, device)
         worker = ModelWorker(config, model_config, TPGroup(rank, size), device, dtype, progress=False)
-        driver_watch = WorkerWatch([_Driver(driver_pid)], _driver_gone)  # between steps the wait below notices too
+        driver_watch = WorkerWatch([driver], _driver_gone)  # between steps the wait below notices too
         conn.send(("ok", None))
         while True:
-            kind, packed = channel.wait(alive=lambda: os.getppid() == driver_pid, share_gil=worker.reading)
+            kind, packed = channel.wait(alive=driver.is_alive, share_gil=worker.reading)
             if kind == 0:
                 break  # the driver is gone
             method, args = ("execute", (StepInput.unpack(packed),)) if kind == STEP else conn.recv()

@@ -12,7 +12,7 @@ from hylo.config import ModelConfig
 from hylo.distributed import TPGroup
 from hylo.layers.lora import LoRABatch, write_lora_part
 from hylo.lora.adapter import Adapter, lora_targets, read_adapter
-from hylo.lora.lazy import LazyTensor
+from hylo.lora.lazy import LazyTensor, all_finite
 from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
 
@@ -53,7 +53,7 @@ class AdapterStore:
         # Every value this rank reads lands in the image (the ranks' shares cover every value), and NaN and infinity
         # survive the slot's dtype: one check of all of it; only if that fails is each slice checked as read, which
         # decides the refusal and names the module.
-        if not all(_finite(buffer) for buffer in buffers):
+        if not all(all_finite(buffer) for buffer in buffers):
             for _, t in writes:
                 if why := t.non_finite(t.values()):
                     raise AdapterError(f"adapter '{request.lora_name}' ({request.lora_path}) is refused:\n  {t.module}: {why}")
@@ -155,7 +155,3 @@ def _copy(writes: list[tuple[torch.Tensor, LazyTensor]]) -> None:
     if writes:
         torch._foreach_copy_([place for place, _ in writes], sources)
 
-
-def _finite(t: torch.Tensor) -> bool:
-    # The extremes propagate NaN and show ±inf: one reduction (as LazyTensor.non_finite).
-    return t.numel() == 0 or all(torch.isfinite(v) for v in torch.aminmax(t))
