@@ -228,3 +228,19 @@ def per_expert_form(kind: str, checkpoint: str, adapter: str, folder) -> str:
     config.update(target_modules=r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj)", target_parameters=None)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return str(folder)
+
+
+def break_sampling(monkeypatch, seed: int, message: str) -> None:
+    """The engine's samplers (the synchronous one and the one async scheduling uses) raise `message` for any batch with
+    a request of this seed."""
+    import hylo.engine.engine as engine_module
+
+    def failing(real):
+        def sample(logits, inputs):
+            if any(i.params.seed == seed for i in inputs):
+                raise RuntimeError(message)
+            return real(logits, inputs)
+        return sample
+
+    monkeypatch.setattr(engine_module, "sample", failing(engine_module.sample))
+    monkeypatch.setattr(engine_module, "sample_tokens", failing(engine_module.sample_tokens))

@@ -17,7 +17,7 @@ def test_a_recreated_default_group_does_not_get_the_one_shot_all_reduce_again(mo
     _group()
     try:
         assert distributed.can_enable_one_shot_all_reduce()
-        distributed.enable_one_shot_all_reduce(torch.device("cpu"), 8, torch.float32)  # no symmetric memory on the CPU: logged, NCCL's job
+        distributed.enable_one_shot_all_reduce(torch.device("cpu"), 8, torch.float32, 16)  # no symmetric memory on the CPU: logged, NCCL's job
         assert distributed._one_shot is None
         assert not distributed.can_enable_one_shot_all_reduce()
     finally:

@@ -10,6 +10,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+
+def device_tensor(data, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list on `device` without waiting for the device's queue: torch's blocking host-to-device copy synchronizes
+    the stream, so the host would wait for the step already queued (async scheduling's overlap gone). On a GPU the
+    values are staged in pinned memory and copied asynchronously (torch's pinned cache keeps the staging block until the
+    copy has run)."""
+    values = torch.tensor(data, dtype=dtype)
+    return values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values
+
 @dataclass
 class Batch:
     """Tokens of all scheduled sequences, concatenated: sequence i owns tokens cu_seqlens[i]:cu_seqlens[i+1].
@@ -92,7 +101,7 @@ class StepInput:
         return [c + q for c, q in zip(self.context_lens, self.query_lens)]
 
     def to_batch(self, device: torch.device) -> Batch:
-        tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        tensor = lambda x: device_tensor(x, device)  # noqa: E731
         width = max(len(t) for t in self.block_tables)
         cu = [0]
         for n in self.query_lens:

@@ -181,7 +181,8 @@ def decode_step_ms(llm, batch: int, prompt_len: int, steps: int = DECODE_STEPS) 
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    seconds = time.perf_counter() - start  # each step ends reading its sampled tokens: the GPU is done
+    synchronize(engine.device)  # with async scheduling the last step's GPU work may still be running
+    seconds = time.perf_counter() - start
     while engine.has_unfinished_requests():
         engine.step()
     return 1e3 * seconds / steps
@@ -313,6 +314,11 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
         # The host's part of a decode step: a step's wall time beyond its captured GPU work.
         result["decode_step"] = {b: {"step_ms": decode_step_ms(llm, b, prompt_len), "graph_ms": engine.executor.call("graph_replay_ms", b, 50)[0]}
                                  for b in batches}
+        if engine.async_scheduling:  # the same steps with each step's tokens read back before the next is scheduled
+            engine.async_scheduling = False
+            for b in batches:
+                result["decode_step"][b]["sync_step_ms"] = decode_step_ms(llm, b, prompt_len)
+            engine.async_scheduling = True
         for step in result["decode_step"].values():
             step["host_ms"] = step["step_ms"] - step["graph_ms"] if step["graph_ms"] is not None else None
         base = {r["batch"]: r["ms_per_step"] for r in rows if r["adapters"] == 0}
@@ -429,7 +435,8 @@ def print_table(r: dict) -> None:
         print(f"| {row['batch']} | {row['adapters']} | {row['ms_per_step']:.2f} | {row['tokens_per_s']:.0f} | {vs_base} | {row['vs_roofline']:.2f} |")
     for batch, step in r["decode_step"].items():
         graph = f", its captured GPU work {step['graph_ms']:.2f} ms, the host's part {step['host_ms']:.2f} ms" if step["graph_ms"] else ""
-        print(f"decode step alone, batch {batch}: {step['step_ms']:.2f} ms{graph}")
+        sync = f"; with each step's tokens read back before the next: {step['sync_step_ms']:.2f} ms" if "sync_step_ms" in step else ""
+        print(f"decode step alone, batch {batch}: {step['step_ms']:.2f} ms{graph}{sync}")
     for row in r.get("cold", []):
         print(f"batch {row['batch']}, 4 adapters of which 3 cold (read from disk inside the timed call): {row['ms_per_step']:.2f} ms/step = {row['vs_warm']:.2f}× warm")
     if "adapter_swap" in r:

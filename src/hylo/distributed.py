@@ -14,30 +14,49 @@ log = logging.getLogger("hylo")
 # bf16, µs per all-reduce inside a CUDA graph (NCCL / torch's one-shot kernel, which ours replaced): 8 KiB 11.8 / 6.7,
 # 512 KiB 15.5 / 11.2, 2 MiB 32.2 / 21.5, 4 MiB 37.4 / 35.4, 16 MiB 83.2 / 134.
 ONE_SHOT_MAX_BYTES = 4 << 20
+# The LM head's logits gathered to the driver through peer memory, up to this size (9B at TP=2: 256 rows).
+GATHER_MAX_BYTES = 64 << 20
 FLAG_ALIGN = 256  # bytes: the rows after the flag table start aligned for vector loads
 
 
-class OneShotAllReduce:
-    """All-reduces of [rows, width] activations in one kernel that reads the peers' rows straight from their memory
-    (peer-to-peer symmetric memory), skipping NCCL's protocol steps for the small messages of a decode step; the
-    residual add and RMSNorm that follow can run in the same launch. Graph-safe. NVLink multicast is not used
-    (TORCH_SYMM_MEM_DISABLE_MULTICAST stays set). `abort()` ends every wait for a peer that will never come
-    (kernels/triton_all_reduce.py)."""
+class _PeerBuffer:
+    """A buffer every rank can read and write in every other rank's memory (symmetric memory): a table of int64
+    flags, `flag_slots` per rank, then `data_bytes` of data. `flag_bases` and `data_bases` hold each rank's
+    addresses, as the kernels take them."""
 
-    def __init__(self, device: torch.device, width: int, dtype: torch.dtype, max_bytes: int = ONE_SHOT_MAX_BYTES):
+    def __init__(self, device: torch.device, flag_slots: int, data_bytes: int):
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.width, self.dtype = width, dtype
-        self.capacity_rows = max_bytes // (width * dtype.itemsize)
-        flag_bytes = -(-self.capacity_rows * self.world_size * 8 // FLAG_ALIGN) * FLAG_ALIGN
-        self.buffer = symm_mem.empty(flag_bytes + 2 * self.capacity_rows * width * dtype.itemsize, dtype=torch.uint8, device=device)
+        flag_bytes = -(-flag_slots * dist.get_world_size() * 8 // FLAG_ALIGN) * FLAG_ALIGN
+        self.buffer = symm_mem.empty(flag_bytes + data_bytes, dtype=torch.uint8, device=device)
         self.buffer[:flag_bytes].zero_()
         torch.cuda.synchronize(device)  # zeroed on every rank before any rank can signal: the rendezvous is a barrier
         handle = symm_mem.rendezvous(self.buffer, dist.group.WORLD.group_name)
         self.flag_bases = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.data_bases = self.flag_bases + flag_bytes
-        self.epochs = torch.zeros(self.capacity_rows, dtype=torch.int64, device=device)
+
+
+class OneShotAllReduce:
+    """All-reduces of [rows, width] activations in one kernel that reads the peers' rows straight from their memory
+    (peer-to-peer symmetric memory), skipping NCCL's protocol steps for the small messages of a decode step; the
+    residual add and RMSNorm that follow can run in the same launch. The LM head's logits [rows, vocab_local] are
+    gathered to the driver the same way, so a decode step makes no NCCL call. Graph-safe. NVLink multicast is not
+    used (TORCH_SYMM_MEM_DISABLE_MULTICAST stays set). `abort()` ends every wait for a peer that will never come
+    (kernels/triton_all_reduce.py)."""
+
+    def __init__(self, device: torch.device, width: int, dtype: torch.dtype, vocab_local: int, max_bytes: int = ONE_SHOT_MAX_BYTES,
+                 max_logit_bytes: int = GATHER_MAX_BYTES):
+        from hylo.kernels.triton_all_reduce import GATHER_BLOCK
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.width, self.vocab_local, self.dtype = width, vocab_local, dtype
+        self.capacity_rows = max_bytes // (width * dtype.itemsize)
+        self.rows = _PeerBuffer(device, self.capacity_rows, 2 * self.capacity_rows * width * dtype.itemsize)
+        self.row_epochs = torch.zeros(self.capacity_rows, dtype=torch.int64, device=device)
+        self.logit_rows = max_logit_bytes // (vocab_local * dtype.itemsize)
+        slots = self.logit_rows * -(-vocab_local // GATHER_BLOCK)
+        self.logits = _PeerBuffer(device, slots, self.logit_rows * vocab_local * dtype.itemsize)
+        self.logit_epochs = torch.zeros(slots, dtype=torch.int64, device=device)
         self.abort_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         self.dead = torch.zeros(1, dtype=torch.int32, device=device)
 
@@ -57,6 +76,19 @@ class OneShotAllReduce:
         self._launch(x, residual, weight, eps, out, res_out, norm=True)
         return out, res_out
 
+    def gathers(self, x: torch.Tensor) -> bool:
+        return x.dim() == 2 and x.shape[1] == self.vocab_local and x.shape[0] <= self.logit_rows and x.dtype == self.dtype and x.is_contiguous()
+
+    def gather_to_driver(self, x: torch.Tensor) -> torch.Tensor:
+        """On rank 0, every rank's `x` side by side along the last dimension, in rank order; elsewhere `x` itself (the
+        workers' logits are not read)."""
+        from hylo.kernels.triton_all_reduce import launch_gather_to_driver
+
+        out = torch.empty(x.shape[0], self.world_size * x.shape[1], dtype=x.dtype, device=x.device) if self.rank == 0 else x
+        launch_gather_to_driver(x, out, self.logits.data_bases, self.logits.flag_bases, self.logit_epochs, self.abort_host, self.dead,
+                                self.rank, self.world_size)
+        return out
+
     def abort(self) -> None:
         """A peer is gone: every wait for it ends (safe from any thread; the kernels read this flag while they spin)."""
         self.abort_host.fill_(1)
@@ -64,8 +96,8 @@ class OneShotAllReduce:
     def _launch(self, x, residual, weight, eps, out, res_out, norm: bool) -> None:
         from hylo.kernels.triton_all_reduce import launch_all_reduce_rows
 
-        launch_all_reduce_rows(x, residual, weight, eps, out, res_out, self.data_bases, self.flag_bases, self.epochs, self.abort_host,
-                               self.dead, self.capacity_rows, self.rank, self.world_size, norm)
+        launch_all_reduce_rows(x, residual, weight, eps, out, res_out, self.rows.data_bases, self.rows.flag_bases, self.row_epochs,
+                               self.abort_host, self.dead, self.capacity_rows, self.rank, self.world_size, norm)
 
 
 _one_shot: OneShotAllReduce | None = None
@@ -81,9 +113,10 @@ def can_enable_one_shot_all_reduce() -> bool:
     return dist.group.WORLD.group_name not in _rendezvoused
 
 
-def enable_one_shot_all_reduce(device: torch.device, width: int, dtype: torch.dtype) -> None:
-    """Small all-reduces of this process's group ([rows, width] in `dtype`: the residual stream's) go through
-    OneShotAllReduce from now on, where the GPUs can read each other's memory; elsewhere NCCL keeps them all (logged)."""
+def enable_one_shot_all_reduce(device: torch.device, width: int, dtype: torch.dtype, vocab_local: int) -> None:
+    """Small all-reduces of this process's group ([rows, width] in `dtype`: the residual stream's) and the LM head's
+    gathers ([rows, vocab_local]) go through OneShotAllReduce from now on, where the GPUs can read each other's memory;
+    elsewhere NCCL keeps them all (logged)."""
     global _one_shot
     _rendezvoused.add(dist.group.WORLD.group_name)
     size = dist.get_world_size()
@@ -91,15 +124,15 @@ def enable_one_shot_all_reduce(device: torch.device, width: int, dtype: torch.dt
         log.info("one-shot all-reduce off for %d ranks (it reduces a power of two); NCCL does every all-reduce", size)
         return
     try:
-        _one_shot = OneShotAllReduce(device, width, dtype)
+        _one_shot = OneShotAllReduce(device, width, dtype, vocab_local)
     except Exception as e:  # no peer access between these GPUs, or no symmetric memory in this torch
         log.info("one-shot all-reduce unavailable (%s); NCCL does every all-reduce", e)
         return
     import torch.distributed._symmetric_memory as symm_mem
 
     # The backend decides what symmetric memory costs and whether it is ever given back (an NVSHMEM heap is not).
-    log.info("one-shot all-reduce on, up to %d rows of %d; symmetric memory backend %s", _one_shot.capacity_rows, width,
-             symm_mem.get_backend(device))
+    log.info("one-shot all-reduce on, up to %d rows of %d, logits gathered to the driver up to %d rows; symmetric memory "
+             "backend %s", _one_shot.capacity_rows, width, _one_shot.logit_rows, symm_mem.get_backend(device))
 
 
 def abort_one_shot_all_reduce() -> None:
@@ -133,6 +166,13 @@ class TPGroup:
                 return _one_shot.rms_norm(x, weight, eps, residual)
             dist.all_reduce(x)
         return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
+
+    def gather_last_to_driver(self, x: torch.Tensor) -> torch.Tensor:
+        """On rank 0 (the driver), every rank's `x` concatenated along the last dimension in rank order; on the other
+        ranks whatever serves that (their result is not read)."""
+        if self.size > 1 and _one_shot is not None and _one_shot.gathers(x):
+            return _one_shot.gather_to_driver(x)
+        return self.all_gather_last(x)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along the last dimension, in rank order."""

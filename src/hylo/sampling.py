@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hylo.batch import device_tensor
+
 from hylo.errors import InvalidParam
 from hylo.structured.params import StructuredOutputsParams
 
@@ -146,16 +148,7 @@ class Sampled:
 def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> Sampled:
     """logits: [seqs, vocab] float32 → one token per row. Logprobs are those of the raw model output, as vLLM reports."""
     raw_logprobs = logits.log_softmax(dim=-1) if any(i.params.logprobs is not None for i in inputs) else None
-    logits = logits.clone()
-    _restrict(logits, inputs)  # before the penalties, as vLLM orders them
-    logits = _apply_penalties(logits, inputs)
-    tokens = logits.argmax(dim=-1)
-    stochastic = [r for r, i in enumerate(inputs) if not i.params.greedy]
-    if stochastic:
-        rows = torch.tensor(stochastic, device=logits.device)
-        probs = _filtered_probs(logits[rows], [inputs[r].params for r in stochastic])
-        for j, r in enumerate(stochastic):
-            tokens[r] = torch.multinomial(probs[j], 1, generator=_generator(inputs[r], logits.device))[0]
+    tokens = sample_tokens(logits, inputs)
     token_list = tokens.tolist()
     if raw_logprobs is None:
         return Sampled(token_list, None, None, None, None)
@@ -164,6 +157,29 @@ def sample(logits: torch.Tensor, inputs: list[SampleInput]) -> Sampled:
     k = min(max(i.params.logprobs or 0 for i in inputs), logits.shape[1])
     top = raw_logprobs.topk(k, dim=-1) if k else None
     return Sampled(token_list, chosen, top.indices if top else None, top.values if top else None, ranks)
+
+
+def sample_tokens(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:
+    """The tokens alone, left on the logits' device: [seqs] int64."""
+    logits = logits.clone()
+    _restrict(logits, inputs)  # before the penalties, as vLLM orders them
+    logits = _apply_penalties(logits, inputs)
+    tokens = logits.argmax(dim=-1)
+    stochastic = [r for r, i in enumerate(inputs) if not i.params.greedy]
+    if stochastic:
+        rows = device_tensor(stochastic, logits.device)
+        probs = _filtered_probs(logits[rows], [inputs[r].params for r in stochastic])
+        for j, r in enumerate(stochastic):
+            tokens[r] = torch.multinomial(probs[j], 1, generator=_generator(inputs[r], logits.device))[0]
+    return tokens
+
+
+def samples_on_device(p: SamplingParams) -> bool:
+    """Whether a row's token can be left on the device and read back a step later (async scheduling). The sampler
+    itself always sees the output so far (the previous step's tokens are read back before the next step is sampled);
+    what must stay synchronous is logprobs, which are read with the token, and what may leave a row with no token at
+    all (grammar, allowed_token_ids, bad_words, min_tokens), which the synchronous path fails by itself."""
+    return p.logprobs is None and not p.bad_words and p.structured_outputs is None and p.allowed_token_ids is None and not p.min_tokens
 
 
 class NoTokenAllowed(ValueError):
@@ -228,11 +244,11 @@ def _apply_penalties(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.T
     for row, inp in enumerate(inputs):
         p = inp.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(inp.prompt_ids) | set(inp.output_ids)), dtype=torch.long, device=logits.device)
+            seen = device_tensor(sorted(set(inp.prompt_ids) | set(inp.output_ids)), logits.device)
             vals = logits[row, seen]
             logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and inp.output_ids:
-            ids = torch.tensor(inp.output_ids, dtype=torch.long, device=logits.device)
+            ids = device_tensor(inp.output_ids, logits.device)
             counts = torch.zeros(logits.shape[1], device=logits.device).scatter_add_(0, ids, torch.ones(len(ids), device=logits.device))
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
@@ -240,7 +256,7 @@ def _apply_penalties(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.T
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, each per row."""
-    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    temps = device_tensor([p.temperature for p in params], logits.device, torch.float32)
     probs = (logits / temps[:, None]).softmax(dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     keep = torch.ones_like(sorted_probs, dtype=torch.bool)

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from hylo import LLM, LoRARequest, SamplingParams
-from hylo.engine import engine as engine_module
 from hylo.lora.peft_config import AdapterError
 from hylo.sampling import InvalidParam
-from tests.conftest import random_prompts
+from tests.conftest import break_sampling, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPT = random_prompts([7], seed=31)[0]
@@ -108,14 +107,7 @@ def test_a_request_whose_sampling_raises_fails_alone(engines, monkeypatch):
     llm = engines("moe")
     prompts = random_prompts([5, 9, 14], seed=32)
     expected = [greedy(llm, p) for p in prompts]
-    real = engine_module.sample
-
-    def sample(logits, inputs):
-        if any(i.params.seed == 666 for i in inputs):
-            raise RuntimeError("boom")
-        return real(logits, inputs)
-
-    monkeypatch.setattr(engine_module, "sample", sample)
+    break_sampling(monkeypatch, seed=666, message="boom")
     bad = SamplingParams(temperature=0.5, seed=666, max_tokens=8, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in [prompts[0], PROMPT, prompts[1], prompts[2]]], [GREEDY, bad, GREEDY, GREEDY])
     assert [o.outputs[0].token_ids for o in (outs[0], outs[2], outs[3])] == expected

@@ -1,7 +1,8 @@
 """The one-shot all-reduce kernel (with and without the fused residual add and RMSNorm) on two GPUs against NCCL and
 the torch reference (marked `gpu`, skipped where fewer than two GPUs are present): sums equal to NCCL's in the
-activation dtype, identical bits on every rank, eager and inside a replayed CUDA graph, and a peer that never comes
-ends the wait once the abort flag is raised."""
+activation dtype, identical bits on every rank, eager and inside a replayed CUDA graph, the LM head's logits gathered
+to the driver as NCCL's all-gather gives them, and a peer that never comes ends the wait once the abort flag is
+raised."""
 
 import os
 import threading
@@ -19,6 +20,7 @@ from hylo.kernels import reference
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
 
 WIDTH = 72  # not a power of two: the kernel's masked tail is exercised
+VOCAB_LOCAL = 5000  # a gather row is two column blocks, the second one partly masked
 EPS = 1e-6
 
 
@@ -44,7 +46,8 @@ def _same_on_every_rank(t: torch.Tensor) -> None:
 
 def _sums_and_norms(rank: int, port: int, dtype: torch.dtype) -> None:
     _start(rank, port)
-    one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, dtype, max_bytes=64 * WIDTH * dtype.itemsize)
+    one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, dtype, VOCAB_LOCAL, max_bytes=64 * WIDTH * dtype.itemsize,
+                                max_logit_bytes=16 * VOCAB_LOCAL * dtype.itemsize)
     weight = torch.randn(WIDTH, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(dtype) * 0.1
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     g = torch.Generator("cuda").manual_seed(1 + rank)
@@ -87,9 +90,48 @@ def test_one_shot_sums_equal_nccl_and_norms_equal_the_reference(dtype):
     mp.spawn(_sums_and_norms, args=(_free_port(), dtype), nprocs=2)
 
 
+def _gathers(rank: int, port: int, dtype: torch.dtype) -> None:
+    _start(rank, port)
+    one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, dtype, VOCAB_LOCAL, max_bytes=64 * WIDTH * dtype.itemsize,
+                                max_logit_bytes=16 * VOCAB_LOCAL * dtype.itemsize)
+    g = torch.Generator("cuda").manual_seed(5 + rank)
+
+    def expected(x: torch.Tensor) -> torch.Tensor:
+        pieces = [torch.empty_like(x) for _ in range(2)]
+        dist.all_gather(pieces, x)
+        return torch.cat(pieces, dim=-1)
+
+    for rows in [1, 16, 3, 16, 1, 2]:  # slots reused with different row counts between
+        x = torch.randn(rows, VOCAB_LOCAL, device="cuda", dtype=dtype, generator=g)
+        got = one_shot.gather_to_driver(x)
+        want = expected(x)
+        if rank == 0:
+            assert torch.equal(got, want)
+    x = torch.zeros(4, VOCAB_LOCAL, device="cuda", dtype=dtype)
+    one_shot.gather_to_driver(x)  # compiled before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gathered = one_shot.gather_to_driver(x)
+    for _ in range(10):
+        x.copy_(torch.randn(x.shape, device="cuda", dtype=dtype, generator=g))
+        graph.replay()
+        want = expected(x)
+        if rank == 0:
+            assert torch.equal(gathered, want)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_gathered_to_the_driver_equal_nccl_all_gather(dtype):
+    mp.spawn(_gathers, args=(_free_port(), dtype), nprocs=2)
+
+
 def _abandoned(rank: int, port: int) -> None:
     _start(rank, port)
-    one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, torch.bfloat16, max_bytes=64 * WIDTH * 2)
+    one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, torch.bfloat16, VOCAB_LOCAL, max_bytes=64 * WIDTH * 2,
+                                max_logit_bytes=16 * VOCAB_LOCAL * 2)
     x = torch.ones(4, WIDTH, device="cuda", dtype=torch.bfloat16)
     one_shot(x)  # both ranks once: compiled and in step
     torch.cuda.synchronize()
@@ -100,6 +142,7 @@ def _abandoned(rank: int, port: int) -> None:
     start = time.monotonic()
     for _ in range(8):  # the first waits for the abort; the rest must not wait at all
         one_shot.rms_norm(x, x[0], EPS, x)
+        one_shot.gather_to_driver(torch.ones(2, VOCAB_LOCAL, device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()
     assert 0.9 < time.monotonic() - start < 20
 

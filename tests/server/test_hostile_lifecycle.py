@@ -79,21 +79,14 @@ LONG = {"model": "base", "prompt": prompt_for(10), "max_tokens": 3000, "ignore_e
 def test_a_request_failing_alone_gets_an_error_and_the_batch_goes_on(monkeypatch):
     """In-process (the engine's sampler is made to fail for requests with seed 13): that request gets a 500
     in OpenAI's shape, or an error event and [DONE] when streamed; the other requests are unaffected."""
-    import hylo.engine.engine as engine_module
     from hylo.engine.config import EngineConfig
+    from tests.conftest import break_sampling
     from hylo.engine.engine import LLMEngine
     from hylo.server.app import ServerState, build_app
     from hylo.server.async_engine import AsyncEngine
     from hylo.server.metrics import Metrics
 
-    real_sample = engine_module.sample
-
-    def sample(logits, inputs):
-        if any(i.params.seed == 13 for i in inputs):
-            raise RuntimeError("the sampler broke on this request")
-        return real_sample(logits, inputs)
-
-    monkeypatch.setattr(engine_module, "sample", sample)
+    break_sampling(monkeypatch, seed=13, message="the sampler broke on this request")
     engine = LLMEngine(EngineConfig(model=str(BASE_DIR), device="cpu", max_model_len=4000, kv_cache_memory_bytes=32 << 20), progress=False)
     state = ServerState(AsyncEngine(engine, 64, Metrics()), "base", str(BASE_DIR))
 

@@ -38,6 +38,10 @@ class EngineConfig:
     max_cpu_loras: int | None = _option(None, "adapters kept in host memory (default: max_loras)")
     load_format: str = _option("safetensors", "safetensors, or dummy (random weights, for benchmarks)")
     enforce_eager: bool = _option(False, "CUDA: run decode steps op by op instead of replaying captured graphs")
+    async_scheduling: bool = _option(True, "let the host prepare the next step while the GPU runs this one, the sampled tokens "
+                                           "read back a step later (one process, no prefix caching; a step with rows that ask "
+                                           "for logprobs or have a grammar, allowed_token_ids, bad_words or min_tokens reads "
+                                           "its tokens at once)")
     enable_prefix_caching: bool = _option(False, "reuse the KV blocks and GDN state of prompt prefixes already computed with the same "
                                                  "adapter (off by default until measured to cost nothing when nothing is shared)")
     max_n: int = _option(128, "sequences one request may ask for (n), as OpenAI's limit")
@@ -118,8 +122,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             continue
         flags = FLAG_ALIASES.get(f.name, []) + ["--" + f.name.replace("_", "-")]
         kind = f.type.split("|")[0].strip()  # "int | None" → int
-        if kind == "bool":
-            parser.add_argument(*flags, dest=f.name, action="store_true", help=f.metadata["help"])
+        if kind == "bool":  # a setting that is on by default is turned off with --no-...
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument(*flags, dest=f.name, action=action, default=f.default, help=f.metadata["help"])
         else:
             parser.add_argument(*flags, dest=f.name, type=_TYPES[kind], default=f.default, help=f.metadata["help"])
 

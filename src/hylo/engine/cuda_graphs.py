@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from hylo.batch import Batch, StepInput
+from hylo.batch import Batch, StepInput, device_tensor
 from hylo.engine.cache import CachePlan
+from hylo.engine.pending import PendingTokens
 from hylo.lora.store import AdapterStore
 from hylo.state import CacheTensors
 
@@ -98,17 +99,19 @@ class DecodeGraphs:
             and max(len(t) for t in step.block_tables) <= self.block_tables.shape[1]
         )
 
-    def run(self, step: StepInput) -> torch.Tensor:
-        """Logits [seqs, vocab] in float32 of a decode step."""
+    def run(self, step: StepInput, pending: PendingTokens | None = None) -> torch.Tensor:
+        """Logits [seqs, vocab] in float32 of a decode step; `pending`: input tokens still on the device."""
         n = len(step.query_lens)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
         values = {"input_ids": step.input_ids, "positions": step.positions, "state_slots": step.state_slots,
                   "slot_mapping": step.slot_mapping, "seq_lens": step.seq_lens, "lora_slots": step.lora_slots}
-        self.packed[:, :size].copy_(torch.tensor([values[name] + [self.padding[name]] * pad for name in self.inputs]))
+        device = self.packed.device
+        self.packed[:, :size].copy_(device_tensor([values[name] + [self.padding[name]] * pad for name in self.inputs], device))
         width = max(len(t) for t in step.block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in step.block_tables], dtype=torch.long)
-        self.block_tables[:n, :width].copy_(tables)
+        self.block_tables[:n, :width].copy_(device_tensor([t + [0] * (width - len(t)) for t in step.block_tables], device))
+        if pending is not None:
+            pending.fill(self.inputs["input_ids"])
         graph, logits, _ = self.graphs[size]
         graph.replay()
         return logits[:n].float()

@@ -22,7 +22,8 @@ from hylo.engine.generation_config import default_sampling
 from hylo.engine.prompt_logprobs import prompt_positions, record_prompt_logprobs
 from hylo.engine.prefix_cache import PrefixCache
 from hylo.engine.runner import prepare_step
-from hylo.engine.scheduler import Scheduled, Scheduler
+from hylo.engine.in_flight import InFlight
+from hylo.engine.scheduler import PendingPreemption, Scheduled, Scheduler
 from hylo.engine.sequence import Request, Sequence, Status
 from hylo.kernels import select_ops
 from hylo.layers.parts import ShardError
@@ -31,10 +32,11 @@ from hylo.lora.request import LoRARequest
 from hylo.lora.slots import LoRASlots
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
 from hylo.outputs import CompletionOutput, Logprob, RequestOutput
-from hylo.sampling import InvalidParam, NoTokenAllowed, SampleInput, Sampled, SamplingParams, sample
+from hylo.sampling import InvalidParam, NoTokenAllowed, SampleInput, Sampled, SamplingParams, sample, sample_tokens, samples_on_device
 from hylo.structured import GrammarCompiler, GrammarError
 
 log = logging.getLogger("hylo")
+NOT_FINITE = "the model's logits for this request are not finite (NaN or inf); its adapter or inputs are broken"
 READ_POLL_SECONDS = 0.002  # how often a caller waiting for an adapter read looks again
 
 
@@ -100,6 +102,10 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._read_waiters: dict[int, list[Callable[[str | None], None]]] = {}  # adapter id → told when its read ends
         self._failed_outside_step: dict[str, Request] = {}  # reported by the next step
+        # Async scheduling: the last step's tokens, sampled on the device and read back while the next step runs. Whether
+        # it is on may change between steps (the benchmark compares both on one engine).
+        self.async_scheduling = config.async_scheduling and self.executor.size == 1 and prefix is None
+        self._in_flight: InFlight | None = None
 
     @property
     def model(self):
@@ -320,12 +326,21 @@ class LLMEngine:
         self.poll_adapters()
         self._admit_compiled()
         touched, self._failed_outside_step = self._failed_outside_step, {}
-        step = self.scheduler.schedule()
+        if self._in_flight is not None and any(self._at_limit(item.seq) for item in self._in_flight.items):
+            self._read_back(touched)  # a sequence that may be done must not be scheduled past its end
+        try:
+            step = self.scheduler.schedule()
+        except PendingPreemption:
+            self._read_back(touched)
+            step = self.scheduler.schedule()
         if self.lora is not None:
             self.lora.load_pending()
+        if not step and self._in_flight is not None:
+            self._read_back(touched)
         if step:
             wanted = [prompt_positions(item) for item in step]
-            logits = self.executor.call("execute", prepare_step(step, self.config.block_size, wanted))[0]
+            pending = self._in_flight.inputs_for(step) if self._in_flight is not None else None
+            logits = self.executor.call("execute", prepare_step(step, self.config.block_size, wanted), *([pending] if pending else []))[0]
             sampling = [item for item in step if item.samples]
             if len(logits) > len(sampling):  # the rows after the sampled ones: prompt logprobs
                 record_prompt_logprobs(step, wanted, logits[len(sampling):], self.decode_token)
@@ -333,6 +348,14 @@ class LLMEngine:
             for item in step:
                 item.seq.num_computed += item.num_tokens
             self.scheduler.computed(step)
+            if self._in_flight is not None:
+                self._read_back(touched)  # the previous step's tokens, while this one runs on the device
+            if sampling and self.async_scheduling and all(self._samples_on_device(item.seq) for item in sampling):
+                try:
+                    self._in_flight = InFlight.start(logits, sampling, [self._sample_input(item) for item in sampling], sample_tokens)
+                    return [self._output(r) for r in touched.values()]
+                except Exception:  # sampled again below, where the row at fault fails by itself
+                    log.exception("sampling the batch on the device failed; sampling it row by row")
             for item, result in zip(sampling, self._sample(logits, sampling)):
                 request = item.seq.request
                 touched[request.request_id] = request
@@ -347,6 +370,31 @@ class LLMEngine:
                     self._fail(request, str(e))
         return [self._output(r) for r in touched.values()]
 
+    def _at_limit(self, seq: Sequence) -> bool:
+        """Whether the token in flight may be the sequence's last (its length limits; EOS and stops are seen late)."""
+        return len(seq.output_ids) + seq.pending >= (seq.params.max_tokens or self.max_model_len) or seq.num_tokens >= self.max_model_len
+
+    def _samples_on_device(self, seq: Sequence) -> bool:
+        return seq.grammar is None and not seq.request.bad_words_ids and samples_on_device(seq.params)
+
+    def _read_back(self, touched: dict[str, Request]) -> None:
+        """Take in the step in flight's tokens: each sequence goes on, stops or fails as a step's own sampling would."""
+        flight, self._in_flight = self._in_flight, None
+        for item, token, finite in flight.results():
+            seq = item.seq
+            seq.pending -= 1
+            if seq.status is Status.FINISHED:  # it ended, or was aborted, after this token was asked for
+                continue
+            request = seq.request
+            touched[request.request_id] = request
+            try:
+                if not finite:
+                    raise RuntimeError(NOT_FINITE)
+                self._accept(seq, token)
+            except Exception as e:
+                log.warning("request %s failed: %s", request.request_id, e)
+                self._fail(request, str(e))
+
     def _sample(self, logits: torch.Tensor, items: list[Scheduled]) -> list[tuple[Sampled, int] | str]:
         """Per sampled item: (the batch's Sampled, its row) or why it could not be sampled.
 
@@ -354,9 +402,7 @@ class LLMEngine:
         the row at fault fails by itself."""
         inputs = [self._sample_input(item) for item in items]
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        results: list[tuple[Sampled, int] | str] = [
-            "the model's logits for this request are not finite (NaN or inf); its adapter or inputs are broken" for _ in items
-        ]
+        results: list[tuple[Sampled, int] | str] = [NOT_FINITE for _ in items]
         rows = [r for r, ok in enumerate(finite) if ok]
         try:
             sampled = sample(logits[rows] if len(rows) < len(items) else logits, [inputs[r] for r in rows])
@@ -393,7 +439,10 @@ class LLMEngine:
         return SampleInput(seq.params, seq.request.prompt_ids, seq.output_ids, seq.child, banned, seq.request.bad_words_ids, bitmask)
 
     def _append(self, seq: Sequence, sampled: Sampled, row: int) -> None:
-        token = sampled.token_ids[row]
+        self._accept(seq, sampled.token_ids[row], sampled, row)
+
+    def _accept(self, seq: Sequence, token: int, sampled: Sampled | None = None, row: int = 0) -> None:
+        """The sequence's next token: logprobs (from `sampled`), then whether it ends the sequence."""
         seq.output_ids.append(token)
         if seq.grammar is not None and not seq.grammar.accept_token(token):
             raise RuntimeError(f"its grammar does not allow token {token} here")  # the sampler's mask should have ruled it out

@@ -20,6 +20,11 @@ from hylo.engine.sequence import Sequence, Status
 from hylo.lora.slots import LoRASlots
 
 
+class PendingPreemption(Exception):
+    """A sequence that would be preempted has a token the host has not read yet (async scheduling): the engine reads
+    the step in flight back, then schedules again. Nothing is preempted; blocks reserved so far stay reserved."""
+
+
 @dataclass
 class Scheduled:
     seq: Sequence
@@ -69,6 +74,8 @@ class Scheduler:
             n, logit_rows = self._cap_prompt_rows(seq, n, logit_rows)
             while not self._reserve(seq, n):
                 victim = self.running[-1]
+                if victim.pending:  # recomputing it needs that token
+                    raise PendingPreemption
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:

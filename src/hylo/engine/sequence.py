@@ -58,6 +58,7 @@ class Sequence:
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
+    pending: int = 0  # tokens sampled on the device whose values the host has not read yet (async scheduling)
 
     @property
     def params(self) -> SamplingParams:
@@ -65,8 +66,10 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.request.prompt_ids) + len(self.output_ids)
+        return len(self.request.prompt_ids) + len(self.output_ids) + self.pending
 
     def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens start..stop; a pending token (not read back yet) reads 0, and the step's inputs take it on the device."""
         prompt = self.request.prompt_ids
-        return (prompt[start:stop] if start < len(prompt) else []) + self.output_ids[max(0, start - len(prompt)) : max(0, stop - len(prompt))]
+        known = (prompt[start:stop] if start < len(prompt) else []) + self.output_ids[max(0, start - len(prompt)) : max(0, stop - len(prompt))]
+        return known + [0] * (stop - start - len(known))

@@ -14,6 +14,7 @@ from hylo.distributed import TPGroup, enable_one_shot_all_reduce
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
 from hylo.engine.cuda_graphs import DecodeGraphs
+from hylo.engine.pending import PendingTokens
 from hylo.engine.profiling import longest_step, profile_plan, sampler_inputs, widest_step
 from hylo.kernels import select_ops
 from hylo.loader import init_dummy_weights, load_weights
@@ -70,7 +71,7 @@ class ModelWorker:
         self.graphs = None
 
     def enable_one_shot_all_reduce(self) -> None:
-        enable_one_shot_all_reduce(self.device, self.model_config.text.hidden_size, self.dtype)
+        enable_one_shot_all_reduce(self.device, self.model_config.text.hidden_size, self.dtype, self.model.lm_head.block.local_size(self.tp.size))
 
     def cache_budget(self, max_model_len: int) -> int:
         """Bytes this rank can give to KV blocks and GDN state: kv_cache_memory_bytes if set, CPU_CACHE_BYTES on the
@@ -163,20 +164,23 @@ class ModelWorker:
                             -(-max_model_len // self.config.block_size), self.device)
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Logits [sampled sequences, vocab] in float32 (every rank computes them; the driver samples). Prefix caching's
-        snapshot copies happen around the forward, outside any graph."""
+    def execute(self, step: StepInput, pending: PendingTokens | None = None) -> torch.Tensor:
+        """Logits [sampled sequences, vocab] in float32 on the driver, which samples (other ranks' are not read). Prefix
+        caching's snapshot copies happen around the forward, outside any graph. `pending` (one process only): input
+        tokens the previous step sampled, still on the device."""
         if step.snapshot_restores:
             self.caches.restore_snapshots(step.snapshot_restores)
-        logits = self._forward(step)
+        logits = self._forward(step, pending)
         if step.snapshot_saves:
             self.caches.save_snapshots(step.snapshot_saves)
         return logits
 
-    def _forward(self, step: StepInput) -> torch.Tensor:
+    def _forward(self, step: StepInput, pending: PendingTokens | None = None) -> torch.Tensor:
         if self.graphs is not None and self.graphs.fits(step):
-            return self.graphs.run(step)
+            return self.graphs.run(step, pending)
         batch = step.to_batch(self.device)
+        if pending is not None:
+            pending.fill(batch.input_ids)
         if self.lora is not None:
             self.lora.set_step(step.lora_slots, step.query_lens, self.device)
         return self.model.compute_logits(self.model(batch, self.caches))

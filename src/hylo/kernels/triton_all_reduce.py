@@ -1,5 +1,5 @@
 """One-shot all-reduce of rows over peer-to-peer symmetric memory, optionally with the residual add and RMSNorm that
-follow every all-reduce of the residual stream, in one launch.
+follow every all-reduce of the residual stream, in one launch; and the LM head's gather of logits to the driver.
 
 Each program owns one row. It copies its row into this rank's buffer, publishes the row's epoch (how many times this
 row slot has been reduced) in every rank's flag table, waits until every rank has published it, then sums the ranks'
@@ -83,3 +83,49 @@ def launch_all_reduce_rows(x, residual, weight, eps: float, out, res_out, data_b
         W=world_size, BLOCK=triton.next_power_of_2(n_cols), NORM=norm, HAS_RES=residual is not None,
         num_warps=8 if n_cols >= 2048 else 4,
     )
+
+
+@triton.jit
+def _gather_to_driver_kernel(x_ptr, out_ptr, data_bases, flag_bases, epochs, abort_host, dead, n_cols, blocks_per_row, rank,
+                             W: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, column block): every rank publishes its block of the row; rank 0 (the driver) waits for each
+    rank's and writes the full row [rank 0's columns | rank 1's | ...] to out. One buffer suffices: a rank writes a
+    slot again only in a later step, after a collective the driver joins once this gather has finished."""
+    row = tl.program_id(0)
+    block = tl.program_id(1)
+    slot = row * blocks_per_row + block
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dtype = x_ptr.dtype.element_ty
+    epoch = tl.load(epochs + slot) + 1
+    tl.store(epochs + slot, epoch)
+    values = tl.load(x_ptr + row * n_cols + cols, mask=mask)
+    if rank == 0:
+        tl.store(out_ptr + row * W * n_cols + cols, values, mask=mask)
+        own_flags = tl.multiple_of(tl.load(flag_bases).to(tl.pointer_type(tl.int64)), 16)
+        # Slot `slot` of every rank signals in the driver's table at [slot, rank]; the driver's own entry is never
+        # written, so it is waited for at the epoch it already has.
+        tl.store(own_flags + slot * W, epoch)
+        tl.debug_barrier()
+        _wait_for_peers(own_flags, slot, epoch, abort_host, dead, W)
+        tl.debug_barrier()
+        for p in tl.static_range(1, W):
+            peer = tl.multiple_of(tl.load(data_bases + p).to(tl.pointer_type(dtype)), 16)
+            peer_values = tl.load(peer + row * n_cols + cols, mask=mask, other=0.0, volatile=True)
+            tl.store(out_ptr + row * W * n_cols + p * n_cols + cols, peer_values, mask=mask)
+    else:
+        own = tl.multiple_of(tl.load(data_bases + rank).to(tl.pointer_type(dtype)), 16)
+        tl.store(own + row * n_cols + cols, values, mask=mask)
+        tl.debug_barrier()  # the whole block is written before the driver is told so
+        driver_flags = tl.load(flag_bases).to(tl.pointer_type(tl.int64))
+        tl.atomic_xchg(driver_flags + slot * W + rank, epoch, sem="release", scope="sys")
+
+
+GATHER_BLOCK = 4096  # columns per program
+
+
+def launch_gather_to_driver(x, out, data_bases, flag_bases, epochs, abort_host, dead, rank: int, world_size: int) -> None:
+    rows, n_cols = x.shape
+    blocks = triton.cdiv(n_cols, GATHER_BLOCK)
+    _gather_to_driver_kernel[(rows, blocks)](x, out, data_bases, flag_bases, epochs, abort_host, dead, n_cols, blocks, rank,
+                                             W=world_size, BLOCK=GATHER_BLOCK, num_warps=8)

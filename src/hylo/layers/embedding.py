@@ -33,7 +33,7 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Logits for the full vocabulary on every rank: this rank's vocabulary slice, then gathered."""
+    """Logits for the full vocabulary on the driver (rank 0), which samples: each rank's vocabulary slice, gathered."""
 
     def __init__(self, embedding: VocabEmbedding, tied: bool, tp: TPGroup):
         super().__init__()
@@ -48,4 +48,4 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.tied_to[0].weight if self.tied_to else self.weight
-        return self.tp.all_gather_last(F.linear(hidden, weight))
+        return self.tp.gather_last_to_driver(F.linear(hidden, weight))

@@ -7,6 +7,7 @@ import itertools
 import torch
 from torch import nn
 
+from hylo.batch import device_tensor
 from hylo.config import ModelConfig
 from hylo.distributed import TPGroup
 from hylo.layers.lora import LoRABatch, write_lora_part
@@ -83,8 +84,8 @@ class AdapterStore:
 
         A CUDA decode step reads the slots per token in one kernel (BGMV); other CUDA steps sort the tokens
         by slot once for all layers (SGMV); on the CPU each slot's tokens are two matmuls."""
-        token_slots = torch.tensor(lora_slots, device=device).repeat_interleave(
-            torch.tensor(query_lens, device=device), output_size=sum(query_lens))  # a known size: no wait for the GPU
+        token_slots = device_tensor(lora_slots, device).repeat_interleave(
+            device_tensor(query_lens, device), output_size=sum(query_lens))  # a known size: no wait for the GPU
         used = sorted(set(lora_slots) - {-1})
         cuda = device.type == "cuda"
         self.batch.token_slots = token_slots

@@ -1,0 +1,130 @@
+"""Async scheduling: the next step is launched before the host reads the last step's tokens (they reach the next
+step's inputs on the device). Every request must get exactly what it gets with the tokens read at once: stops,
+lengths, aborts, preemption and rows whose sampling needs the output so far included."""
+
+import pytest
+import torch
+
+from hylo import SamplingParams
+from hylo.engine.scheduler import PendingPreemption
+from tests.conftest import random_prompts
+
+PROMPTS = random_prompts([5, 17, 9, 3, 12, 8], seed=31)
+
+
+def run(engine, prompts, params, abort_at: dict[int, str] | None = None):
+    """Every prompt at once; `abort_at`: step → request id aborted before it. Request id → (its last output, the step
+    that gave it)."""
+    last, step = {}, 0
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, sp)
+    while engine.has_unfinished_requests():
+        if abort_at and step in abort_at:
+            engine.abort_request(abort_at[step])
+        for out in engine.step():
+            last[out.request_id] = (out, step)
+        step += 1
+    return {k: out for k, (out, _) in last.items()} if not abort_at else last
+
+
+def summary(out):
+    return [(c.token_ids, c.finish_reason, c.stop_reason, c.logprobs and [sorted(lp) for lp in c.logprobs]) for c in out.outputs]
+
+
+ELIGIBLE = [
+    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+    None,  # stops early on a token that does come (set below)
+    SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5),  # reads the output so far
+    SamplingParams(temperature=0.8, top_p=0.9, max_tokens=7, ignore_eos=True),  # the engine's generator
+    SamplingParams(temperature=0.7, seed=5, max_tokens=9, n=2, ignore_eos=True),  # seeded by position
+]
+
+
+@pytest.mark.parametrize("synchronous_row", [None, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=2)])
+def test_a_mixed_batch_gets_what_it_gets_with_the_tokens_read_at_once(engines, synchronous_row):
+    """Every row the device can keep (greedy, penalties, stochastic, seeded), alone or with a row that reads its tokens
+    at once (logprobs), which makes those steps synchronous."""
+    on, off = engines("dense"), engines("dense", async_scheduling=False)
+    assert on.llm_engine.async_scheduling and not off.llm_engine.async_scheduling
+    reference = off.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    stop_token = reference[0].outputs[0].token_ids[4]  # a token that does come: the request stops early on it
+    params = list(ELIGIBLE)
+    params[1] = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_token])
+    if synchronous_row is not None:
+        params[2] = synchronous_row
+    torch.manual_seed(3)  # the unseeded row draws from the process's generator: the same draws in both runs
+    got = run(on.llm_engine, PROMPTS, params)
+    torch.manual_seed(3)
+    want = run(off.llm_engine, PROMPTS, params)
+    assert {k: summary(v) for k, v in got.items()} == {k: summary(v) for k, v in want.items()}
+    assert got["r1"].outputs[0].finish_reason == "stop" and len(got["r1"].outputs[0].token_ids) < 12
+
+
+def test_the_next_step_starts_before_the_last_tokens_are_read(engines):
+    engine = engines("dense").llm_engine
+    engine.add_request("a", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert engine.step() == []  # the prefill's token is still on its way back
+    assert engine._in_flight is not None and engine._in_flight.items[0].seq.pending == 1
+    counts = []
+    while engine.has_unfinished_requests():
+        counts += [len(o.outputs[0].token_ids) for o in engine.step()]
+    assert counts == [1, 2, 3, 4, 5, 6]  # one step late, every token once
+    assert engine._in_flight is None  # the last token was read before a step past the end could be scheduled
+
+
+def test_an_abort_while_a_token_is_in_flight_ends_that_request_alone(engines):
+    on, off = engines("dense"), engines("dense", async_scheduling=False)
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 3
+    got = run(on.llm_engine, PROMPTS[:3], params, abort_at={4: "r1"})
+    want = run(off.llm_engine, PROMPTS[:3], params)
+    assert summary(got["r0"][0]) == summary(want["r0"]) and summary(got["r2"][0]) == summary(want["r2"])
+    aborted, at = got["r1"]
+    assert at < 4 and not aborted.finished  # nothing after the abort: not the token that was in flight
+    assert aborted.outputs[0].token_ids == want["r1"].outputs[0].token_ids[: len(aborted.outputs[0].token_ids)]
+    scheduler = on.llm_engine.scheduler
+    assert not scheduler.running and scheduler.blocks.num_free == scheduler.blocks.size
+
+
+def test_the_sequence_length_limit_is_never_passed(checkpoints):
+    from hylo import LLM
+
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, kv_cache_memory_bytes=8 << 20, max_model_len=20)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:2]], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [20 - len(PROMPTS[0]), 20 - len(PROMPTS[1])]
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+
+
+def test_preempting_a_sequence_with_a_token_in_flight_reads_it_back_first(checkpoints, engines, monkeypatch):
+    from hylo import LLM
+
+    ref = engines("dense")
+    prompts = random_prompts([40, 33, 25, 47, 30, 38], seed=12)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = [ref.generate({"prompt_token_ids": p}, params)[0].outputs[0].token_ids for p in prompts]
+    shapes, dtype = ref.llm_engine.model.cache_shapes(), ref.llm_engine.dtype
+    slot, block = shapes.slot_bytes(dtype), shapes.block_bytes(16, dtype)
+    small = LLM(checkpoints("dense"), device="cpu", progress=False, kv_cache_memory_bytes=slot + block + 12 * slot,
+                max_model_len=128, max_num_seqs=6)
+    scheduler = small.llm_engine.scheduler
+    raised = []
+    schedule = scheduler.schedule
+
+    def counting():
+        try:
+            return schedule()
+        except PendingPreemption:
+            raised.append(True)
+            raise
+
+    monkeypatch.setattr(scheduler, "schedule", counting)
+    outs = small.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert raised and scheduler.num_preemptions > 0
+    assert scheduler.blocks.num_free == scheduler.blocks.size and scheduler.slots.num_free == scheduler.slots.size
+
+
+@pytest.mark.parametrize("options", [dict(enable_prefix_caching=True)])
+def test_prefix_caching_reads_every_token_at_once(engines, options):
+    """Its block hashes need the real tokens, so it keeps the synchronous path."""
+    assert not engines("dense", **options).llm_engine.async_scheduling
