@@ -74,10 +74,14 @@ class DecodeGraphs:
 
     def replay_ms(self, batch: int, replays: int) -> float:
         """GPU time of one decode step of `batch` sequences, replayed on padding rows alone (which read one token
-        of context and write only the spare block and slot): the step's time without the host's part."""
+        of context and write only the spare block and slot): the step's time without the host's part. Each row
+        holds a token of its own, so that a MoE's rows are routed to as many experts as a real batch's are (rows of
+        one token would all read the same few)."""
         size = next(s for s in self.sizes if s >= batch)
         for row, value in zip(self.packed, self.padding.values()):
             row.fill_(value)
+        ids = self.inputs["input_ids"]
+        torch.randint(0, self.model.lm_head.block.size, ids.shape, out=ids, generator=torch.Generator(ids.device).manual_seed(0))
         graph = self.graphs[size][0]
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
