@@ -66,22 +66,25 @@ class StepInput:
     # after it; every rank copies its own shard.
     snapshot_restores: list[tuple[int, int]] = field(default_factory=list)
     snapshot_saves: list[tuple[int, int]] = field(default_factory=list)
+    # Async scheduling: (row of the last step's sampled tokens, position in input_ids) where input_ids holds a
+    # placeholder for a token the host has not read back yet (engine/pending.py).
+    pending: list[tuple[int, int]] = field(default_factory=list)
 
     def pack(self) -> array.array:
-        """Every field in one int64 array (for the step channel): six lengths, then the lists in a fixed order."""
+        """Every field in one int64 array (for the step channel): seven lengths, then the lists in a fixed order."""
         counts = [len(self.input_ids), len(self.query_lens), len(self.logits_indices), sum(map(len, self.block_tables)),
-                  len(self.snapshot_restores), len(self.snapshot_saves)]
+                  len(self.snapshot_restores), len(self.snapshot_saves), len(self.pending)]
         return array.array("q", itertools.chain(
             counts, self.input_ids, self.positions, self.slot_mapping, self.query_lens, self.context_lens, self.state_slots,
             self.lora_slots, map(len, self.block_tables), self.logits_indices, *self.snapshot_restores, *self.snapshot_saves,
-            *self.block_tables,
+            *self.pending, *self.block_tables,
         ))
 
     @staticmethod
     def unpack(packed: Sequence[int]) -> StepInput:
-        tokens, seqs, sampled, _, restores, saves = packed[:6].tolist()
-        fields = packed[6:].tolist()
-        sizes = [tokens] * 3 + [seqs] * 5 + [sampled, 2 * restores, 2 * saves]
+        tokens, seqs, sampled, _, restores, saves, pending = packed[:7].tolist()
+        fields = packed[7:].tolist()
+        sizes = [tokens] * 3 + [seqs] * 5 + [sampled, 2 * restores, 2 * saves, 2 * pending]
         parts, start = [], 0
         for size in sizes:
             parts.append(fields[start : start + size])
@@ -91,9 +94,9 @@ class StepInput:
         for n in table_lens:
             tables.append(fields[start : start + n])
             start += n
-        restore_pairs, save_pairs = (list(zip(flat[::2], flat[1::2])) for flat in copies)
+        restore_pairs, save_pairs, pending_pairs = (list(zip(flat[::2], flat[1::2])) for flat in copies)
         return StepInput(ids, positions, query_lens, context_lens, state_slots, tables, slot_mapping, logits_indices, lora_slots,
-                         restore_pairs, save_pairs)
+                         restore_pairs, save_pairs, pending_pairs)
 
     @property
     def seq_lens(self) -> list[int]:

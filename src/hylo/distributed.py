@@ -174,6 +174,11 @@ class TPGroup:
             return _one_shot.gather_to_driver(x)
         return self.all_gather_last(x)
 
+    def broadcast_from_driver(self, x: torch.Tensor) -> None:
+        """x on every rank = rank 0's x (in place; queued on the stream, the host does not wait)."""
+        if self.size > 1:
+            dist.broadcast(x, src=0)
+
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along the last dimension, in rank order."""
         if self.size == 1:

@@ -128,3 +128,26 @@ def test_preempting_a_sequence_with_a_token_in_flight_reads_it_back_first(checkp
 def test_prefix_caching_reads_every_token_at_once(engines, options):
     """Its block hashes need the real tokens, so it keeps the synchronous path."""
     assert not engines("dense", **options).llm_engine.async_scheduling
+
+
+def test_at_tp2_the_workers_take_the_driver_s_tokens_on_the_device(checkpoints):
+    """The workers' input ids hold a placeholder where the driver's last tokens go; each step broadcasts them inside
+    the step. A worker that kept its placeholder would run another token than the driver: other outputs."""
+    from hylo import LLM
+
+    params = [p for p in ELIGIBLE if p is not None]
+    results = {}
+    for on in (True, False):
+        llm = LLM(checkpoints("dense"), device="cpu", progress=False, tensor_parallel_size=2, kv_cache_memory_bytes=64 << 20,
+                  async_scheduling=on)
+        try:
+            engine = llm.llm_engine
+            driver = engine.executor.driver
+            broadcasts, last_tokens = [], driver._last_tokens
+            driver._last_tokens = lambda step, tokens: broadcasts.append(step.pending) or last_tokens(step, tokens)
+            torch.manual_seed(3)  # the unseeded row draws from the process's generator: the same draws in both runs
+            results[on] = {k: summary(v) for k, v in run(engine, PROMPTS[: len(params)], params).items()}
+            assert engine.async_scheduling == on and bool(broadcasts) == on
+        finally:
+            llm.shutdown()
+    assert results[True] == results[False]

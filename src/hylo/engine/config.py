@@ -39,7 +39,7 @@ class EngineConfig:
     load_format: str = _option("safetensors", "safetensors, or dummy (random weights, for benchmarks)")
     enforce_eager: bool = _option(False, "CUDA: run decode steps op by op instead of replaying captured graphs")
     async_scheduling: bool = _option(True, "let the host prepare the next step while the GPU runs this one, the sampled tokens "
-                                           "read back a step later (one process, no prefix caching; a step with rows that ask "
+                                           "read back a step later (not with prefix caching; a step with rows that ask "
                                            "for logprobs or have a grammar, allowed_token_ids, bad_words or min_tokens reads "
                                            "its tokens at once)")
     enable_prefix_caching: bool = _option(False, "reuse the KV blocks and GDN state of prompt prefixes already computed with the same "

@@ -16,7 +16,7 @@ import torch
 
 from hylo.batch import Batch, StepInput, device_tensor
 from hylo.engine.cache import CachePlan
-from hylo.engine.pending import PendingTokens
+from hylo.engine.pending import fill_pending
 from hylo.lora.store import AdapterStore
 from hylo.state import CacheTensors
 
@@ -103,8 +103,8 @@ class DecodeGraphs:
             and max(len(t) for t in step.block_tables) <= self.block_tables.shape[1]
         )
 
-    def run(self, step: StepInput, pending: PendingTokens | None = None) -> torch.Tensor:
-        """Logits [seqs, vocab] in float32 of a decode step; `pending`: input tokens still on the device."""
+    def run(self, step: StepInput, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [seqs, vocab] in float32 of a decode step; `tokens`: the last step's, for `step.pending`."""
         n = len(step.query_lens)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
@@ -114,8 +114,8 @@ class DecodeGraphs:
         self.packed[:, :size].copy_(device_tensor([values[name] + [self.padding[name]] * pad for name in self.inputs], device))
         width = max(len(t) for t in step.block_tables)
         self.block_tables[:n, :width].copy_(device_tensor([t + [0] * (width - len(t)) for t in step.block_tables], device))
-        if pending is not None:
-            pending.fill(self.inputs["input_ids"])
+        if step.pending:
+            fill_pending(self.inputs["input_ids"], tokens, step.pending)
         graph, logits, _ = self.graphs[size]
         graph.replay()
         return logits[:n].float()

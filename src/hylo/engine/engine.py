@@ -104,7 +104,7 @@ class LLMEngine:
         self._failed_outside_step: dict[str, Request] = {}  # reported by the next step
         # Async scheduling: the last step's tokens, sampled on the device and read back while the next step runs. Whether
         # it is on may change between steps (the benchmark compares both on one engine).
-        self.async_scheduling = config.async_scheduling and self.executor.size == 1 and prefix is None
+        self.async_scheduling = config.async_scheduling and prefix is None
         self._in_flight: InFlight | None = None
 
     @property
@@ -339,8 +339,11 @@ class LLMEngine:
             self._read_back(touched)
         if step:
             wanted = [prompt_positions(item) for item in step]
-            pending = self._in_flight.inputs_for(step) if self._in_flight is not None else None
-            logits = self.executor.call("execute", prepare_step(step, self.config.block_size, wanted), *([pending] if pending else []))[0]
+            step_input = prepare_step(step, self.config.block_size, wanted)
+            if self._in_flight is not None:
+                step_input.pending = self._in_flight.inputs_for(step)
+            tokens = [self._in_flight.tokens] if step_input.pending else []
+            logits = self.executor.call("execute", step_input, *tokens)[0]
             sampling = [item for item in step if item.samples]
             if len(logits) > len(sampling):  # the rows after the sampled ones: prompt logprobs
                 record_prompt_logprobs(step, wanted, logits[len(sampling):], self.decode_token)

@@ -231,9 +231,12 @@ class Executor:
                 self.channel.post(STEP, packed)
             else:
                 self.channel.post(PIPE)
+                # A step's sampled tokens (a tensor on the driver's device) stay there: the workers get them by
+                # broadcast inside the step (Worker._last_tokens).
+                sent = args[:1] if method == "execute" else args
                 for conn in self.conns:
                     try:
-                        conn.send((method, args))
+                        conn.send((method, sent))
                     except OSError:
                         pass  # reported by _collect
         error = None

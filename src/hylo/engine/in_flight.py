@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from hylo.engine.pending import PendingTokens
 from hylo.engine.scheduler import Scheduled
 from hylo.sampling import SampleInput
 
@@ -41,18 +40,18 @@ class InFlight:
             item.seq.pending += 1
         return InFlight(items, tokens, host, copied)
 
-    def inputs_for(self, step: list[Scheduled]) -> PendingTokens | None:
-        """Where `step`'s input ids hold a token of this step (a sequence's one pending token), and its row here."""
+    def inputs_for(self, step: list[Scheduled]) -> list[tuple[int, int]]:
+        """(row here, position in `step`'s input ids) for each input that is a token of this step (a sequence's one
+        pending token)."""
         row_of = {id(item.seq): r for r, item in enumerate(self.items)}
-        rows, positions, offset = [], [], 0
+        pairs, offset = [], 0
         for item in step:
             seq = item.seq
             last = seq.num_tokens - 1  # the pending token is the sequence's last
             if id(seq) in row_of and seq.pending and seq.num_computed <= last < seq.num_computed + item.num_tokens:
-                rows.append(row_of[id(seq)])
-                positions.append(offset + last - seq.num_computed)
+                pairs.append((row_of[id(seq)], offset + last - seq.num_computed))
             offset += item.num_tokens
-        return PendingTokens(self.tokens, rows, positions) if rows else None
+        return pairs
 
     def results(self) -> list[tuple[Scheduled, int, bool]]:
         """(item, token, finite) per row, once the copy has landed."""

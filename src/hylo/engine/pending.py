@@ -1,22 +1,16 @@
 """Tokens a step sampled on the device that the next step takes as inputs before the host has read them (async
-scheduling): the host's step input holds a placeholder there, filled on the device just before the forward."""
+scheduling): the step input lists (row of the last step's tokens, position in this step's input ids) pairs, and
+holds a placeholder at each position, filled on the device just before the forward."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from hylo.batch import device_tensor
 
 
-@dataclass(frozen=True)
-class PendingTokens:
-    tokens: torch.Tensor  # [rows of the previous step] on the device
-    rows: list[int]  # the previous step's row for each filled position
-    positions: list[int]  # where each goes in this step's input ids
-
-    def fill(self, input_ids: torch.Tensor) -> None:
-        device = input_ids.device
-        tokens = self.tokens.index_select(0, device_tensor(self.rows, device))
-        input_ids.index_copy_(0, device_tensor(self.positions, device), tokens.to(input_ids.dtype))
+def fill_pending(input_ids: torch.Tensor, tokens: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    """input_ids[position] = tokens[row] for each (row, position), on the device."""
+    device = input_ids.device
+    rows, positions = (list(column) for column in zip(*pairs))
+    input_ids.index_copy_(0, device_tensor(positions, device), tokens.index_select(0, device_tensor(rows, device)).to(input_ids.dtype))

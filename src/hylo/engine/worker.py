@@ -14,7 +14,7 @@ from hylo.distributed import TPGroup, enable_one_shot_all_reduce
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
 from hylo.engine.cuda_graphs import DecodeGraphs
-from hylo.engine.pending import PendingTokens
+from hylo.engine.pending import fill_pending
 from hylo.engine.profiling import longest_step, profile_plan, sampler_inputs, widest_step
 from hylo.kernels import select_ops
 from hylo.loader import init_dummy_weights, load_weights
@@ -164,23 +164,35 @@ class ModelWorker:
                             -(-max_model_len // self.config.block_size), self.device)
 
     @torch.inference_mode()
-    def execute(self, step: StepInput, pending: PendingTokens | None = None) -> torch.Tensor:
+    def execute(self, step: StepInput, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [sampled sequences, vocab] in float32 on the driver, which samples (other ranks' are not read). Prefix
-        caching's snapshot copies happen around the forward, outside any graph. `pending` (one process only): input
-        tokens the previous step sampled, still on the device."""
+        caching's snapshot copies happen around the forward, outside any graph. `tokens` (the driver's alone): the
+        previous step's, sampled on its device, that `step.pending` places in the input ids."""
         if step.snapshot_restores:
             self.caches.restore_snapshots(step.snapshot_restores)
-        logits = self._forward(step, pending)
+        if step.pending:
+            tokens = self._last_tokens(step, tokens)
+        logits = self._forward(step, tokens)
         if step.snapshot_saves:
             self.caches.save_snapshots(step.snapshot_saves)
         return logits
 
-    def _forward(self, step: StepInput, pending: PendingTokens | None = None) -> torch.Tensor:
+    def _last_tokens(self, step: StepInput, tokens: torch.Tensor | None) -> torch.Tensor:
+        """The previous step's sampled tokens on this rank's device: at TP>1 each rank receives the driver's, in
+        stream order (no host waits for them)."""
+        if self.tp.size == 1:
+            return tokens
+        rows = max(row for row, _ in step.pending) + 1
+        received = tokens[:rows].to(torch.long) if self.tp.rank == 0 else torch.empty(rows, dtype=torch.long, device=self.device)
+        self.tp.broadcast_from_driver(received)
+        return received
+
+    def _forward(self, step: StepInput, tokens: torch.Tensor | None = None) -> torch.Tensor:
         if self.graphs is not None and self.graphs.fits(step):
-            return self.graphs.run(step, pending)
+            return self.graphs.run(step, tokens)
         batch = step.to_batch(self.device)
-        if pending is not None:
-            pending.fill(batch.input_ids)
+        if step.pending:
+            fill_pending(batch.input_ids, tokens, step.pending)
         if self.lora is not None:
             self.lora.set_step(step.lora_slots, step.query_lens, self.device)
         return self.model.compute_logits(self.model(batch, self.caches))
