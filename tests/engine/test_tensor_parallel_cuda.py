@@ -1,6 +1,7 @@
 """Tensor parallelism on CUDA GPUs over NCCL (marked `gpu`; each test skipped where fewer GPUs than it needs are
 present): at TP=2 and TP=4 the same tokens as one GPU and as HF+PEFT (at TP=4 the tiny models' 2 KV heads are
-replicated), graphs equal to eager across adapter swaps, worker death reported, shutdown leaving nothing behind.
+replicated), graphs equal to eager across adapter swaps, async scheduling equal to synchronous, worker death
+reported, shutdown leaving nothing behind.
 
 Only the first tensor-parallel engine of a process takes the one-shot all-reduce (fused with the norms); later ones
 use NCCL throughout. To test the one-shot path in every case, run each test in a pytest process of its own
@@ -73,6 +74,20 @@ def test_tp2_graphs_equal_eager_across_adapter_swaps(checkpoints, adapters):
             llm.shutdown()
     assert results[False] == results[True]
     assert results[False][0] != results[False][3]  # the adapters change the tokens
+
+
+def test_tp2_async_scheduling_gives_the_tokens_of_the_synchronous_engine(checkpoints, adapters):
+    """No row asks for logprobs, so every decode step takes the async path: the workers take the driver's sampled
+    tokens from a broadcast on the device. The synchronous engine is checked against HF+PEFT above."""
+    loras = [None, LoRARequest("b0", 1, adapters("dense", seed=230)), LoRARequest("b1", 2, adapters("dense", seed=231))]
+    prompts = random_prompts([4, 9, 15, 6], seed=232)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for on in (True, False):
+        llm = cuda_engine(checkpoints, "dense", 2, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK, async_scheduling=on)
+        assert llm.llm_engine.async_scheduling == on
+        outs[on] = [o.outputs[0].token_ids for o in generate(llm, prompts, [loras[i % 3] for i in range(len(prompts))], params)]
+    assert outs[True] == outs[False]
 
 
 def test_a_killed_gpu_worker_raises_worker_died_within_30_s(checkpoints):
