@@ -16,6 +16,7 @@ log = logging.getLogger("hylo")
 ONE_SHOT_MAX_BYTES = 4 << 20
 # The LM head's logits gathered to the driver through peer memory, up to this size (9B at TP=2: 256 rows).
 GATHER_MAX_BYTES = 64 << 20
+BROADCAST_MAX_TOKENS = 8192  # a step's sampled tokens sent from the driver to the workers (async scheduling)
 FLAG_ALIGN = 256  # bytes: the rows after the flag table start aligned for vector loads
 
 
@@ -40,7 +41,8 @@ class OneShotAllReduce:
     """All-reduces of [rows, width] activations in one kernel that reads the peers' rows straight from their memory
     (peer-to-peer symmetric memory), skipping NCCL's protocol steps for the small messages of a decode step; the
     residual add and RMSNorm that follow can run in the same launch. The LM head's logits [rows, vocab_local] are
-    gathered to the driver the same way, so a decode step makes no NCCL call. Graph-safe. NVLink multicast is not
+    gathered to the driver the same way, and the last step's sampled tokens broadcast from it (async scheduling), so a
+    decode step makes no NCCL call. Graph-safe. NVLink multicast is not
     used (TORCH_SYMM_MEM_DISABLE_MULTICAST stays set). `abort()` ends every wait for a peer that will never come
     (kernels/triton_all_reduce.py)."""
 
@@ -57,6 +59,8 @@ class OneShotAllReduce:
         slots = self.logit_rows * -(-vocab_local // GATHER_BLOCK)
         self.logits = _PeerBuffer(device, slots, self.logit_rows * vocab_local * dtype.itemsize)
         self.logit_epochs = torch.zeros(slots, dtype=torch.int64, device=device)
+        self.tokens = _PeerBuffer(device, 1, BROADCAST_MAX_TOKENS * 8)
+        self.token_epoch = torch.zeros(1, dtype=torch.int64, device=device)
         self.abort_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         self.dead = torch.zeros(1, dtype=torch.int32, device=device)
 
@@ -88,6 +92,16 @@ class OneShotAllReduce:
         launch_gather_to_driver(x, out, self.logits.data_bases, self.logits.flag_bases, self.logit_epochs, self.abort_host, self.dead,
                                 self.rank, self.world_size)
         return out
+
+    def broadcasts(self, x: torch.Tensor) -> bool:
+        return x.dim() == 1 and x.dtype == torch.int64 and x.numel() <= BROADCAST_MAX_TOKENS and x.is_contiguous()
+
+    def broadcast_from_driver(self, x: torch.Tensor) -> None:
+        """x on every rank = rank 0's x, in place."""
+        from hylo.kernels.triton_all_reduce import launch_broadcast_from_driver
+
+        launch_broadcast_from_driver(x, self.tokens.data_bases, self.tokens.flag_bases, self.token_epoch, self.abort_host, self.dead,
+                                     self.rank, self.world_size)
 
     def abort(self) -> None:
         """A peer is gone: every wait for it ends (safe from any thread; the kernels read this flag while they spin)."""
@@ -175,9 +189,13 @@ class TPGroup:
         return self.all_gather_last(x)
 
     def broadcast_from_driver(self, x: torch.Tensor) -> None:
-        """x on every rank = rank 0's x (in place; queued on the stream, the host does not wait)."""
+        """x on every rank = rank 0's x (in place; queued on the stream, the host does not wait): through peer memory
+        where the one-shot kernels are on and x is a row of int64 tokens, else NCCL (gloo on the CPU)."""
         if self.size > 1:
-            dist.broadcast(x, src=0)
+            if _one_shot is not None and _one_shot.broadcasts(x):
+                _one_shot.broadcast_from_driver(x)
+            else:
+                dist.broadcast(x, src=0)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along the last dimension, in rank order."""

@@ -1,8 +1,8 @@
 """The one-shot all-reduce kernel (with and without the fused residual add and RMSNorm) on two GPUs against NCCL and
 the torch reference (marked `gpu`, skipped where fewer than two GPUs are present): sums equal to NCCL's in the
 activation dtype, identical bits on every rank, eager and inside a replayed CUDA graph, the LM head's logits gathered
-to the driver as NCCL's all-gather gives them, and a peer that never comes ends the wait once the abort flag is
-raised."""
+to the driver as NCCL's all-gather gives them, the driver's sampled tokens broadcast to the workers, and a peer that
+never comes ends the wait once the abort flag is raised."""
 
 import os
 import threading
@@ -128,6 +128,26 @@ def test_logits_gathered_to_the_driver_equal_nccl_all_gather(dtype):
     mp.spawn(_gathers, args=(_free_port(), dtype), nprocs=2)
 
 
+def _broadcasts(rank: int, port: int) -> None:
+    _start(rank, port)
+    one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, torch.float32, VOCAB_LOCAL, max_bytes=64 * WIDTH * 4,
+                                max_logit_bytes=16 * VOCAB_LOCAL * 4)
+    g = torch.Generator("cuda").manual_seed(7)  # the same tokens drawn on both ranks: what the workers must receive
+    between = torch.ones(1, WIDTH, device="cuda")
+    for n in [1, 5, 256, 33, 1, 4096, 2]:
+        tokens = torch.randint(0, 1 << 40, (n,), device="cuda", generator=g)
+        x = tokens.clone() if rank == 0 else torch.full((n,), -1, dtype=torch.long, device="cuda")
+        one_shot.broadcast_from_driver(x)
+        one_shot(between)  # a collective between two broadcasts, as a step's all-reduces are
+        assert torch.equal(x, tokens)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_tokens_broadcast_from_the_driver_reach_every_worker():
+    mp.spawn(_broadcasts, args=(_free_port(),), nprocs=2)
+
+
 def _abandoned(rank: int, port: int) -> None:
     _start(rank, port)
     one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, torch.bfloat16, VOCAB_LOCAL, max_bytes=64 * WIDTH * 2,
@@ -149,3 +169,25 @@ def _abandoned(rank: int, port: int) -> None:
 
 def test_a_peer_that_never_comes_is_abandoned_when_the_abort_flag_is_raised():
     mp.spawn(_abandoned, args=(_free_port(),), nprocs=2)
+
+
+def _driver_gone(rank: int, port: int) -> None:
+    _start(rank, port)
+    one_shot = OneShotAllReduce(torch.device("cuda", rank), WIDTH, torch.bfloat16, VOCAB_LOCAL, max_bytes=64 * WIDTH * 2,
+                                max_logit_bytes=16 * VOCAB_LOCAL * 2)
+    tokens = torch.zeros(4, dtype=torch.long, device="cuda")
+    one_shot.broadcast_from_driver(tokens)  # both ranks once: compiled and in step
+    torch.cuda.synchronize()
+    dist.barrier()
+    if rank == 0:
+        return  # the driver never sends again: the worker waits for it until told to stop
+    threading.Timer(1.0, one_shot.abort).start()
+    start = time.monotonic()
+    for _ in range(4):
+        one_shot.broadcast_from_driver(tokens)
+    torch.cuda.synchronize()
+    assert 0.9 < time.monotonic() - start < 20
+
+
+def test_a_worker_waiting_for_a_driver_that_never_sends_is_released_by_the_abort_flag():
+    mp.spawn(_driver_gone, args=(_free_port(),), nprocs=2)

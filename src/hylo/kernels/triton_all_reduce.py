@@ -129,3 +129,37 @@ def launch_gather_to_driver(x, out, data_bases, flag_bases, epochs, abort_host, 
     blocks = triton.cdiv(n_cols, GATHER_BLOCK)
     _gather_to_driver_kernel[(rows, blocks)](x, out, data_bases, flag_bases, epochs, abort_host, dead, n_cols, blocks, rank,
                                              W=world_size, BLOCK=GATHER_BLOCK, num_warps=8)
+
+
+@triton.jit
+def _broadcast_from_driver_kernel(x_ptr, data_bases, flag_bases, epoch_ptr, abort_host, dead, n, rank, W: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+    """One program: the driver (rank 0) writes x into its buffer and signals every worker, which waits for the signal
+    and copies the driver's values into its own x. One buffer suffices: the driver writes it again only in a later
+    step, after a collective that every worker joins once it has read this one (the step's first all-reduce)."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    epoch = tl.load(epoch_ptr) + 1
+    tl.store(epoch_ptr, epoch)
+    driver = tl.multiple_of(tl.load(data_bases).to(tl.pointer_type(tl.int64)), 16)
+    peers = tl.arange(0, W)
+    if rank == 0:
+        tl.store(driver + cols, tl.load(x_ptr + cols, mask=mask), mask=mask)
+        tl.debug_barrier()  # the whole row is written before any worker is told so
+        peer_flags = tl.load(flag_bases + peers).to(tl.pointer_type(tl.int64))
+        tl.atomic_xchg(peer_flags, epoch, mask=peers > 0, sem="release", scope="sys")  # entry 0 of each worker's row 0
+    else:
+        own_flags = tl.load(flag_bases + rank).to(tl.pointer_type(tl.int64))
+        # Only the driver's entry of this row is ever written by a peer: the others are set here, so that only it is
+        # waited for.
+        tl.store(own_flags + peers, epoch, mask=peers > 0)
+        tl.debug_barrier()
+        _wait_for_peers(own_flags, 0, epoch, abort_host, dead, W)
+        tl.debug_barrier()
+        tl.store(x_ptr + cols, tl.load(driver + cols, mask=mask, other=0, volatile=True), mask=mask)
+
+
+def launch_broadcast_from_driver(x, data_bases, flag_bases, epoch, abort_host, dead, rank: int, world_size: int) -> None:
+    n = x.numel()
+    _broadcast_from_driver_kernel[(1,)](x, data_bases, flag_bases, epoch, abort_host, dead, n, rank, W=world_size,
+                                        BLOCK=triton.next_power_of_2(n), num_warps=4)
