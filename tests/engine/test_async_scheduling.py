@@ -130,9 +130,11 @@ def test_prefix_caching_reads_every_token_at_once(engines, options):
     assert not engines("dense", **options).llm_engine.async_scheduling
 
 
-def test_at_tp2_the_workers_take_the_driver_s_tokens_on_the_device(checkpoints):
+@pytest.mark.parametrize("through", ["step channel", "pipes"])
+def test_at_tp2_the_workers_take_the_driver_s_tokens_on_the_device(checkpoints, through):
     """The workers' input ids hold a placeholder where the driver's last tokens go; each step broadcasts them inside
-    the step. A worker that kept its placeholder would run another token than the driver: other outputs."""
+    the step. A worker that kept its placeholder would run another token than the driver: other outputs. A step too
+    large for the step channel reaches the workers through the pipes, its tokens (on the driver's device) left out."""
     from hylo import LLM
 
     params = [p for p in ELIGIBLE if p is not None]
@@ -142,6 +144,8 @@ def test_at_tp2_the_workers_take_the_driver_s_tokens_on_the_device(checkpoints):
                   async_scheduling=on)
         try:
             engine = llm.llm_engine
+            if through == "pipes":
+                engine.executor.channel.fits = lambda packed: False
             driver = engine.executor.driver
             broadcasts, last_tokens = [], driver._last_tokens
             driver._last_tokens = lambda step, tokens: broadcasts.append(step.pending) or last_tokens(step, tokens)
