@@ -235,3 +235,23 @@ def test_at_tp2_a_worker_killed_with_tokens_in_flight_is_reported_not_waited_for
         closing.join(30)
         assert not closing.is_alive(), "shutdown hung"
         assert not worker.is_alive()
+
+
+def test_a_sequence_at_its_length_limit_costs_the_others_no_overlap(checkpoints, engines):
+    """Staggered max_tokens: each sequence's last token is in flight while the others' next step is scheduled and
+    launched; none is read back early, and every length is exact."""
+    from hylo import LLM
+
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, kv_cache_memory_bytes=64 << 20)
+    engine = llm.llm_engine
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 5, 6, 8, 9, 11)]
+    early, scheduled = [], [False]
+    schedule, read_back, step = engine.scheduler.schedule, engine._read_back, engine.step
+    engine.scheduler.schedule = lambda: scheduled.__setitem__(0, True) or schedule()
+    engine._read_back = lambda touched: early.append(scheduled[0] is False) or read_back(touched)
+    engine.step = lambda: scheduled.__setitem__(0, False) or step()
+    got = run(engine, PROMPTS, params)
+    want = run(engines("dense", async_scheduling=False).llm_engine, PROMPTS, params)
+    assert {k: summary(v) for k, v in got.items()} == {k: summary(v) for k, v in want.items()}
+    assert [len(got[f"r{i}"].outputs[0].token_ids) for i in range(6)] == [3, 5, 6, 8, 9, 11]
+    assert early and not any(early), "a token was read back before the next step was scheduled"
