@@ -88,8 +88,7 @@ class LLM:
                 raise AdapterError(f"lora_int_id {lora.lora_int_id} is given to both '{by_id[lora.lora_int_id].lora_name}' and "
                                    f"'{lora.lora_name}' (another folder) in this call; give each adapter its own id")
         engine = self.llm_engine
-        for lora in by_id.values():
-            engine.add_lora(lora)  # read up front: a refused adapter raises here, before anything runs
+        engine.add_lora(*by_id.values())  # read up front, side by side: a refused adapter raises here, before anything runs
         for compiling in [engine.compile_grammar(p) for p in params]:  # all at once, on worker threads
             if compiling is not None:
                 compiling.result()  # a constraint that cannot be compiled raises InvalidParam here, before anything runs

@@ -42,6 +42,39 @@ def test_room_is_made_in_host_memory_before_a_read_starts(checkpoints, adapters)
     assert list(slots.host) == [71, 72]
 
 
+def test_a_call_reads_its_new_adapters_side_by_side(checkpoints, adapters):
+    """generate() reads every adapter it needs up front (a refused one raises before anything runs), all at once: each
+    read here waits until the three are under way together, which reads one after another would never reach."""
+    import threading
+
+    folders = [adapters("dense", seed=100 + i) for i in range(3)]
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=3, max_lora_rank=MAX_RANK)
+    store = llm.llm_engine.executor.driver.lora
+    together, register = threading.Barrier(3, timeout=30), store.register
+    store.register = lambda request: (together.wait(), register(request))[1]
+    requests = [LoRARequest(f"t{i}", 110 + i, f) for i, f in enumerate(folders)]
+    outs = llm.generate([{"prompt_token_ids": [2, 3]}] * 3, GREEDY, lora_request=requests)
+    for out, r in zip(outs, requests):
+        assert out.outputs[0].token_ids == hf_peft_greedy("dense", checkpoints("dense"), r.lora_path, [2, 3], 10)[0]
+
+
+def test_an_adapter_asked_for_with_new_ones_is_the_last_to_go(checkpoints, adapters):
+    """generate([new k2, k0]) with room for two: k0 was used less recently than k1, but asking for it counts as a
+    use, so the room for k2 comes from k1 and k0 is not read again."""
+    folders = [adapters("dense", seed=80 + i) for i in range(3)]
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK, max_cpu_loras=2)
+    slots = llm.llm_engine.lora
+    requests = [LoRARequest(f"k{i}", 90 + i, f) for i, f in enumerate(folders)]
+    for r in requests[:2]:
+        llm.generate({"prompt_token_ids": [5, 6]}, GREEDY, lora_request=r)
+    read_of_90 = slots.generation[90]
+    outs = llm.generate([{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [7, 8]}], GREEDY, lora_request=[requests[2], requests[0]])
+    assert slots.generation[90] == read_of_90, "k0 stayed in host memory: it was not read again"
+    assert 91 not in slots.host
+    for out, r, prompt in zip(outs, [requests[2], requests[0]], [[5, 6], [7, 8]]):
+        assert out.outputs[0].token_ids == hf_peft_greedy("dense", checkpoints("dense"), r.lora_path, prompt, 10)[0]
+
+
 def test_lora_enabled_but_unused_equals_lora_off(checkpoints, engines):
     prompts = random_prompts([7, 30], seed=42)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)

@@ -124,15 +124,18 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add_lora(self, request: LoRARequest) -> None:
-        """Read and validate an adapter now, waiting for it (AdapterError if refused); requests may then use it."""
-        result: list[str | None] = []
-        self.start_lora(request, result.append)
-        while not result:
+    def add_lora(self, *requests: LoRARequest) -> None:
+        """Read and validate adapters now, side by side (each rank reads several at once), waiting for all of them;
+        AdapterError for the first refused one. Requests may then use them."""
+        results: dict[int, str | None] = {}
+        for request in requests:
+            self.start_lora(request, lambda why, i=request.lora_int_id: results.__setitem__(i, why))
+        while len(results) < len({r.lora_int_id for r in requests}):
             time.sleep(READ_POLL_SECONDS)
             self.poll_adapters()
-        if result[0] is not None:
-            raise AdapterError(result[0])
+        for request in requests:
+            if results[request.lora_int_id] is not None:
+                raise AdapterError(results[request.lora_int_id])
 
     def start_lora(self, request: LoRARequest, done: Callable[[str | None], None]) -> None:
         """Have every rank read `request`'s folder on a thread of its own, off the step loop (AdapterError at once

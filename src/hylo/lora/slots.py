@@ -57,6 +57,7 @@ class LoRASlots:
                 f"give '{request.lora_name}' its own id or remove the other first"
             )
         if lora_id in self.host:
+            self.host.move_to_end(lora_id)  # asked for: the last to go when room is made for others read meanwhile
             self.draining.pop(lora_id, None)
             self.requests[lora_id] = request
             return True

@@ -149,10 +149,9 @@ def serve(args: argparse.Namespace) -> int:
         served_aliases=tuple(served_names[1:]), log_requests=not args.disable_log_requests,
     )
     try:
-        for name, path in modules.items():
-            request = LoRARequest(name, next(state.ids), path)
-            engine.add_lora(request)
-            state.adapters[name] = request
+        requests = {name: LoRARequest(name, next(state.ids), path) for name, path in modules.items()}
+        engine.add_lora(*requests.values())  # read side by side
+        state.adapters.update(requests)
         scheme = "https" if args.ssl_certfile else "http"
         log.info("serving %s (adapters: %s) on %s://%s:%d", ", ".join(state.served_names), ", ".join(state.adapters) or "none", scheme,
                  args.host, args.port)
