@@ -129,7 +129,7 @@ class LLMEngine:
         AdapterError for the first refused one. Requests may then use them."""
         results: dict[int, str | None] = {}
         for request in requests:
-            self.start_lora(request, lambda why, i=request.lora_int_id: results.__setitem__(i, why))
+            self.start_lora(request, lambda why, r=request: results.__setitem__(r.lora_int_id, why))  # a non-LoRARequest raises first
         while len(results) < len({r.lora_int_id for r in requests}):
             time.sleep(READ_POLL_SECONDS)
             self.poll_adapters()
