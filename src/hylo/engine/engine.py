@@ -329,8 +329,6 @@ class LLMEngine:
         self.poll_adapters()
         self._admit_compiled()
         touched, self._failed_outside_step = self._failed_outside_step, {}
-        if self._in_flight is not None and any(self._at_limit(item.seq) for item in self._in_flight.items):
-            self._read_back(touched)  # a sequence that may be done must not be scheduled past its end
         try:
             step = self.scheduler.schedule()
         except PendingPreemption:
@@ -359,6 +357,8 @@ class LLMEngine:
             if sampling and self.async_scheduling and all(self._samples_on_device(item.seq) for item in sampling):
                 try:
                     self._in_flight = InFlight.start(logits, sampling, [self._sample_input(item) for item in sampling], sample_tokens)
+                    for item in sampling:  # never scheduled past its end; the others' next step goes ahead of it
+                        item.seq.last_in_flight = self._at_limit(item.seq)
                     return [self._output(r) for r in touched.values()]
                 except Exception:  # sampled again below, where the row at fault fails by itself
                     log.exception("sampling the batch on the device failed; sampling it row by row")
@@ -377,7 +377,7 @@ class LLMEngine:
         return [self._output(r) for r in touched.values()]
 
     def _at_limit(self, seq: Sequence) -> bool:
-        """Whether the token in flight may be the sequence's last (its length limits; EOS and stops are seen late)."""
+        """Whether the token in flight is the sequence's last by its length limits (EOS and stops are seen late)."""
         return len(seq.output_ids) + seq.pending >= (seq.params.max_tokens or self.max_model_len) or seq.num_tokens >= self.max_model_len
 
     def _samples_on_device(self, seq: Sequence) -> bool:
@@ -389,6 +389,7 @@ class LLMEngine:
         for item, token, finite in flight.results():
             seq = item.seq
             seq.pending -= 1
+            seq.last_in_flight = False
             if seq.status is Status.FINISHED:  # it ended, or was aborted, after this token was asked for
                 continue
             request = seq.request

@@ -70,6 +70,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.last_in_flight:  # it ends once its token in flight is read: nothing left to compute
+                i += 1
+                continue
             n = self._chunk(seq, min(seq.num_tokens - seq.num_computed, budget))
             n, logit_rows = self._cap_prompt_rows(seq, n, logit_rows)
             while not self._reserve(seq, n):

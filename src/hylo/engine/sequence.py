@@ -59,6 +59,7 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     pending: int = 0  # tokens sampled on the device whose values the host has not read yet (async scheduling)
+    last_in_flight: bool = False  # its pending token reaches a length limit: it ends when read back, and is not scheduled
 
     @property
     def params(self) -> SamplingParams:
