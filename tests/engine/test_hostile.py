@@ -205,7 +205,7 @@ def test_an_adapter_refused_when_read_again_fails_its_requests_only(checkpoints,
     done = run_engine(engine)
     assert "does not exist" in done["a"].error and done["a"].outputs[0].finish_reason == "error"
     assert done["base"].outputs[0].token_ids == expected and done["base"].error is None
-    assert 1 not in engine.lora.host and not engine.lora.reading
+    assert 1 not in engine.lora.host and not engine.lora.busy
     assert_idle(llm)
 
 
@@ -412,25 +412,25 @@ def test_an_adapter_removed_while_its_folder_is_read_again_stays_removed(checkpo
     llm.add_lora(b)  # a is dropped from host memory
     engine = llm.llm_engine
     engine.add_request("a", {"prompt_token_ids": PROMPT}, GREEDY, a)
-    assert 1 in engine.lora.reading and llm.remove_lora(1)
+    assert 1 in engine.lora.to_read and llm.remove_lora(1)  # its read starts at the next step
     assert run_engine(engine)["a"].outputs[0].token_ids == expected
     assert llm.list_loras() == {2} and 1 not in engine.lora.host and not engine.lora.forget_when_read
     # Removed while being read with no request waiting for it (the request aborted): dropped when the read ends.
     llm.add_lora(a)
     llm.add_lora(b)  # a is dropped from host memory again
     engine.add_request("a2", {"prompt_token_ids": PROMPT}, GREEDY, a)
-    assert 1 in engine.lora.reading
+    assert 1 in engine.lora.to_read  # its read starts at the next step
     assert llm.remove_lora(1)
     engine.abort_request("a2")
     run_engine(engine)
-    while engine.lora.reading:
+    while engine.lora.busy:
         engine.poll_adapters()
     assert llm.list_loras() == {2} and 1 not in engine.lora.host
     # Removed during the read, then added back: it stays.
     llm.add_lora(a)
     llm.add_lora(b)
     engine.add_request("a3", {"prompt_token_ids": PROMPT}, GREEDY, a)
-    assert 1 in engine.lora.reading
+    assert 1 in engine.lora.to_read  # its read starts at the next step
     assert llm.remove_lora(1)
     llm.add_lora(a)
     assert run_engine(engine)["a3"].outputs[0].token_ids == expected

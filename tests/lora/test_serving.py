@@ -26,6 +26,23 @@ def test_mixed_batch_with_slot_swaps_equals_each_request_alone(checkpoints, adap
     assert len(slots.host) <= 2, "max_cpu_loras bounds the adapters kept in host memory"
 
 
+def test_room_is_made_in_host_memory_before_a_read_starts(checkpoints, adapters):
+    """max_cpu_loras counts the adapters being read: the least recently used idle one is forgotten on every rank
+    before the read starts (its pinned image's memory is then free for the new one), not after it."""
+    folders = [adapters("dense", seed=60 + i) for i in range(3)]
+    llm = LLM(checkpoints("dense"), device="cpu", progress=False, enable_lora=True, max_loras=1, max_lora_rank=MAX_RANK, max_cpu_loras=2)
+    slots, store = llm.llm_engine.lora, llm.llm_engine.executor.driver.lora
+    for i in range(2):
+        llm.generate({"prompt_token_ids": [3, 4]}, GREEDY, lora_request=LoRARequest(f"h{i}", 70 + i, folders[i]))
+    assert list(slots.host) == [70, 71] and set(store.images) == {70, 71}
+    assert not slots.start(LoRARequest("h2", 72, folders[2]))  # its read is asked for, and starts at the next poll
+    slots.poll()
+    assert 70 not in slots.host and 70 not in store.images, "the least recently used one made room first"
+    out = llm.generate({"prompt_token_ids": [3, 4]}, GREEDY, lora_request=LoRARequest("h2", 72, folders[2]))
+    assert out[0].outputs[0].token_ids == hf_peft_greedy("dense", checkpoints("dense"), folders[2], [3, 4], 10)[0]
+    assert list(slots.host) == [71, 72]
+
+
 def test_a_call_reads_its_new_adapters_side_by_side(checkpoints, adapters):
     """generate() reads every adapter it needs up front (a refused one raises before anything runs), all at once: each
     read here waits until the three are under way together, which reads one after another would never reach."""

@@ -151,7 +151,7 @@ class LLMEngine:
 
     def poll_adapters(self) -> None:
         """Finish the adapter reads that are done: tell their waiters, and fail the requests of a refused one."""
-        if self.lora is None or not self.lora.reading:
+        if self.lora is None or not self.lora.busy:
             return
         for lora_id, why in self.lora.poll().items():
             for done in self._read_waiters.pop(lora_id, []):
@@ -162,7 +162,7 @@ class LLMEngine:
                         self._failed_outside_step[request.request_id] = self._fail(request, why)
 
     def has_pending_adapter_reads(self) -> bool:
-        return self.lora is not None and bool(self.lora.reading)
+        return self.lora is not None and self.lora.busy
 
     def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams, lora_request: LoRARequest | None = None) -> None:
         """Queue a request; InvalidParam (a ValueError naming the field) or AdapterError if it cannot run."""
