@@ -40,7 +40,8 @@ class OneShotAllReduce:
     """All-reduces of [rows, width] activations in one kernel that reads the peers' rows straight from their memory
     (peer-to-peer symmetric memory), skipping NCCL's protocol steps for the small messages of a decode step; the
     residual add and RMSNorm that follow can run in the same launch. The LM head's logits [rows, vocab_local] are
-    gathered to the driver the same way, so a decode step makes no NCCL call. Graph-safe. NVLink multicast is not
+    gathered to the driver the same way, so a decode step's collectives skip NCCL (with async scheduling, the last
+    step's tokens still reach the workers by an NCCL broadcast: TPGroup.broadcast_from_driver). Graph-safe. NVLink multicast is not
     used (TORCH_SYMM_MEM_DISABLE_MULTICAST stays set). `abort()` ends every wait for a peer that will never come
     (kernels/triton_all_reduce.py)."""
 
