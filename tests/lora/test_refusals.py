@@ -161,3 +161,16 @@ def test_serving_goes_on_after_a_refusal(llm, good, tmp_path):
         llm.generate({"prompt_token_ids": prompt}, params, lora_request=LoRARequest("bad", next(_ids), edited(good, tmp_path, {"use_dora": True})))
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.generate({"prompt_token_ids": prompt}, params, lora_request=request)[0].outputs[0].token_ids == before
+
+
+def test_a_refused_adapter_among_several_read_side_by_side_stops_the_call_before_anything_runs(llm, good, adapters, tmp_path):
+    """generate() reads its adapters at once: the refused one raises naming its reason, nothing runs, and the good
+    ones read beside it serve the next call."""
+    other = LoRARequest("other", next(_ids), adapters("dense", seed=62))
+    bad = LoRARequest("bad", next(_ids), edited(good, tmp_path, {"use_dora": True}))
+    prompts = [{"prompt_token_ids": [3, 4, 5]}] * 2
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with pytest.raises(AdapterError, match="DoRA"):
+        llm.generate(prompts, params, lora_request=[other, bad])
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert len(llm.generate(prompts[:1], params, lora_request=other)[0].outputs[0].token_ids) == 4
