@@ -40,9 +40,10 @@ class OneShotAllReduce:
     """All-reduces of [rows, width] activations in one kernel that reads the peers' rows straight from their memory
     (peer-to-peer symmetric memory), skipping NCCL's protocol steps for the small messages of a decode step; the
     residual add and RMSNorm that follow can run in the same launch. The LM head's logits [rows, vocab_local] are
-    gathered to the driver the same way, so a decode step makes no NCCL call. Graph-safe. NVLink multicast is not
-    used (TORCH_SYMM_MEM_DISABLE_MULTICAST stays set). `abort()` ends every wait for a peer that will never come
-    (kernels/triton_all_reduce.py)."""
+    gathered to the driver the same way, so a decode step's collectives skip NCCL (with async scheduling, the last
+    step's tokens still reach the workers by an NCCL broadcast: TPGroup.broadcast_from_driver). Graph-safe. NVLink
+    multicast is not used (TORCH_SYMM_MEM_DISABLE_MULTICAST stays set). `abort()` ends every wait for a peer that will
+    never come (kernels/triton_all_reduce.py)."""
 
     def __init__(self, device: torch.device, width: int, dtype: torch.dtype, vocab_local: int, max_bytes: int = ONE_SHOT_MAX_BYTES,
                  max_logit_bytes: int = GATHER_MAX_BYTES):

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 
 from hylo.batch import device_tensor
-
 from hylo.errors import InvalidParam
 from hylo.structured.params import StructuredOutputsParams
 

@@ -130,7 +130,8 @@ class LLMEngine:
         results: dict[int, str | None] = {}
         for request in requests:
             self.start_lora(request, lambda why, r=request: results.__setitem__(r.lora_int_id, why))  # a non-LoRARequest raises first
-        while len(results) < len({r.lora_int_id for r in requests}):
+        wanted = len({r.lora_int_id for r in requests})
+        while len(results) < wanted:
             time.sleep(READ_POLL_SECONDS)
             self.poll_adapters()
         for request in requests:
@@ -381,7 +382,7 @@ class LLMEngine:
         return len(seq.output_ids) + seq.pending >= (seq.params.max_tokens or self.max_model_len) or seq.num_tokens >= self.max_model_len
 
     def _samples_on_device(self, seq: Sequence) -> bool:
-        return seq.grammar is None and not seq.request.bad_words_ids and samples_on_device(seq.params)
+        return seq.grammar is None and samples_on_device(seq.params)  # bad_words_ids come from params.bad_words, checked there
 
     def _read_back(self, touched: dict[str, Request]) -> None:
         """Take in the step in flight's tokens: each sequence goes on, stops or fails as a step's own sampling would."""
