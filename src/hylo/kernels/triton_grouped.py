@@ -98,7 +98,12 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sor
     k_in = x.shape[1]
     bm = sorted_rows.block
     bn = 128 if bm >= 64 else 64
-    bk = min(64, max(16, triton.next_power_of_2(k_in)))
+    # float32's IEEE dot runs on FMAs and needs more registers: its 64×128 tile over 4 warps spilled 6 KiB per thread
+    # (Triton 3.6, sm_90), and the CUDA context keeps the local memory spills grow (per-thread stack × every resident
+    # thread: 1.6 GiB of an H200) until the process exits. Half the K step over 8 warps fits. bf16's tile does not spill.
+    fp32_wide = x.dtype == torch.float32 and bm >= 64
+    bk = min(32 if fp32_wide else 64, max(16, triton.next_power_of_2(k_in)))
+    warps = 8 if fp32_wide else 4
     grid = (sorted_rows.block_groups.numel(), triton.cdiv(n_out, bn))
     if grid[0] == 0:
         return
@@ -106,7 +111,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sor
         x, x.stride(0), weight, out, out.stride(0), sorted_rows.rows, sorted_rows.block_groups,
         row_part if row_part is not None else sorted_rows.rows, n_out, x_div,
         K=k_in, EXPAND=row_part is not None, RANK=rank, ACCUMULATE=accumulate, IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
-        num_warps=4, num_stages=3,
+        num_warps=warps, num_stages=3,
     )
 
 

@@ -21,9 +21,11 @@ from hylo.kernels.triton_lora import lora_bgmv
 GEMV_PAIRS = 256  # up to this many (token, expert) pairs, per-pair GEMVs beat sorting (scripts/compare_moe_paths.py)
 
 
-# At batch 1 a layer's GEMVs read ~50 MB in a few hundred programs; the best tile depends on the expert's shape.
+# At batch 1 a layer's GEMVs read ~50 MB in a few hundred programs; the best tile depends on the expert's shape. The
+# one-warp and one-row tiles were the fastest on the 35B-A3B experts at 128 pairs (a scan on an H200, in
+# docs/benchmarks.md): 4.45 TB/s against 4.07 for the best of the others.
 # (Triton's interpreter cannot time configs: it gets the first.)
-GEMV_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 4), (8, 512, 4), (64, 128, 4), (32, 512, 8)]
+GEMV_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 4), (8, 512, 4), (64, 128, 4), (32, 512, 8), (4, 512, 1), (1, 2048, 2)]
 
 
 @triton.autotune(
