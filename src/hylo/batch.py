@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ def device_tensor(data, device: torch.device, dtype: torch.dtype = torch.long) -
     copy has run)."""
     values = torch.tensor(data, dtype=dtype)
     return values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values
+
+
+GDN_CHUNK = 64  # tokens per chunk of fla's chunked gated delta rule (its default)
+
 
 @dataclass
 class Batch:
@@ -47,6 +52,14 @@ class Batch:
     def is_decode(self) -> bool:
         """Every sequence adds exactly one token on top of existing state."""
         return all(q == 1 for q in self.query_lens) and all(c > 0 for c in self.context_lens)
+
+    @functools.cached_property
+    def gdn_chunk_indices(self) -> torch.Tensor:
+        """[chunks, 2]: (sequence, chunk within it) for each GDN_CHUNK-token chunk of the step, as fla's chunked kernels
+        index them. Made once per step from the host's lists: left to fla, every layer would build them on the host and
+        copy them with a blocking copy, which waits for the GPU's queue (at TP>1, for the other ranks too)."""
+        pairs = [(seq, chunk) for seq, n in enumerate(self.query_lens) for chunk in range(-(-n // GDN_CHUNK))]
+        return device_tensor(pairs, self.cu_seqlens.device)
 
 
 @dataclass

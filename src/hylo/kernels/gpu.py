@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from hylo.batch import Batch
+from hylo.batch import GDN_CHUNK, Batch
 from hylo.kernels import reference
 
 HAS_FLA = importlib.util.find_spec("fla") is not None
@@ -51,10 +51,9 @@ def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch: Batch) -> tor
     slots = batch.state_slots
     fresh = batch.seq_lens == batch.cu_seqlens.diff()  # no cached tokens: starts from a zero state
     initial = states[slots].masked_fill(fresh[:, None, None, None], 0.0)  # [seqs, value_heads, k_dim, v_dim]
-    # The host's copy of the sequence bounds spares fla a device-to-host sync per layer.
     out, final = chunk_gated_delta_rule(
         q[None], k[None], v[None], g=g[None], beta=beta[None].to(q.dtype), initial_state=initial, output_final_state=True,
-        use_qk_l2norm_in_kernel=True, cu_seqlens=batch.cu_seqlens, cu_seqlens_cpu=torch.tensor(_starts(batch)),
+        use_qk_l2norm_in_kernel=True, cu_seqlens=batch.cu_seqlens, chunk_indices=batch.gdn_chunk_indices, chunk_size=GDN_CHUNK,
     )
     states[slots] = final.float()
     return out[0]
