@@ -44,7 +44,7 @@ def _describe(row: TensorReport, tp: int) -> list[str]:
     matrix = "B" if row.key.endswith("lora_B.weight") else "A"
     lines = [f"{head}\n    → layer {target.layer_path}, part {part.module} ({part.lora})"]
     # Column-parallel parts split B's rows like the base rows; row-parallel parts split A's columns.
-    if not part.blocks or (matrix == "B") != part.splits_output:
+    if (matrix == "B") != part.splits_output:
         lines.append("    whole on every rank")
         return lines
     axis = "rows" if matrix == "B" else "columns"
