@@ -195,11 +195,12 @@ def test_routed_experts(dtype, path, step):
     x = rand(7, 64, dtype=dtype)
     experts = torch.tensor([[1, 4], [4, 0], [5, 1], [1, 0], [3, 4], [4, 1], [0, 5]], device=DEV)  # expert 2 idle
     weights = torch.rand(7, 2, device=DEV).to(dtype)
-    got = routed_experts(layer, x, weights, experts, gemv_pairs=100 if path == "per pair" else 0).float()
+    shared_gate, shared = rand(7, 1, dtype=dtype) * 3, rand(7, 64, dtype=dtype)
+    got = routed_experts(layer, x, weights, experts, shared_gate, shared, gemv_pairs=100 if path == "per pair" else 0).float()
     layer.w13.data, layer.w2.data = layer.w13.float(), layer.w2.float()  # the oracle in float32
     for name in ("lora_a13", "lora_b13", "lora_a2", "lora_b2"):
         setattr(layer, name, getattr(layer, name).float())
-    ref = reference.routed_experts(layer, x.float(), weights.float(), experts)
+    ref = reference.routed_experts(layer, x.float(), weights.float(), experts, shared_gate.float(), shared.float())
     # torch's own bf16 forward is ~0.5% off here; the interpreter truncates to bf16 instead of rounding.
     bound = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if DEV.type == "cuda" else 3e-2}[dtype]
     assert ((got - ref).norm() / ref.norm()).item() < bound
@@ -243,12 +244,16 @@ def test_route_ids_equal_topk(experts, top_k):
 @pytest.mark.parametrize("top_k, hidden", [(3, 48), (8, 2048)])
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_combine_pairs(dtype, top_k, hidden, tokens):
+    """The routed pairs' weighted sum plus the shared expert gated by one logit per token (a row view of the fused
+    projection's output, as the MoE block passes it)."""
     from hylo.kernels.triton_moe import combine_pairs
 
     torch.manual_seed(11)
     y, weights = rand(tokens * top_k, hidden, dtype=dtype), torch.rand(tokens, top_k, device=DEV).to(dtype)
-    ref = (y.view(-1, top_k, hidden).float() * weights[..., None].float()).sum(dim=1).to(dtype)
-    close(combine_pairs(y, weights), ref, dtype)
+    shared, shared_gate = rand(tokens, hidden, dtype=dtype), (rand(tokens, 3, dtype=dtype) * 3)[:, 1:2]
+    routed = (y.view(-1, top_k, hidden).float() * weights[..., None].float()).sum(dim=1).to(dtype)
+    ref = (routed.float() + torch.sigmoid(shared_gate.float()) * shared.float()).to(dtype)  # one rounding, as the kernel's
+    close(combine_pairs(y, weights, shared_gate, shared), ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -266,20 +271,8 @@ def test_silu_mul(dtype, n, tokens):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [48, 2048])
-@pytest.mark.parametrize("tokens", TOKENS)
-def test_sigmoid_gated_add(dtype, hidden, tokens):
-    """The MoE layer's routed sum plus its shared expert, gated by one logit per token."""
-    from hylo.kernels.triton_activations import sigmoid_gated_add
-
-    torch.manual_seed(13)
-    x, y, gate = rand(tokens, hidden, dtype=dtype), rand(tokens, hidden, dtype=dtype), rand(tokens, 1, dtype=dtype) * 3
-    close(sigmoid_gated_add(x, gate, y), reference.sigmoid_gated_add(x, gate, y), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_sparse_moe_layer_on_fast_ops(dtype):
-    """The MoE block wired to the fast router, experts, SiLU and shared-expert gate, against the same block on the
+    """The MoE block wired to the fast router, experts (with the gated shared expert) and SiLU, against the same block on the
     reference ops: the tiny models' shapes, a decode-sized batch (the per-pair path, no tl.dot)."""
     from dataclasses import replace
     from types import SimpleNamespace
@@ -292,8 +285,7 @@ def test_sparse_moe_layer_on_fast_ops(dtype):
     cfg = SimpleNamespace(hidden_size=48, num_experts=10, num_experts_per_tok=3, moe_intermediate_size=24,
                           shared_expert_intermediate_size=56)
     ref_ops = select_ops(torch.device("cpu"))
-    fast_ops = replace(ref_ops, route=triton_moe.route, routed_experts=triton_moe.routed_experts,
-                       silu_mul=triton_activations.silu_mul, sigmoid_gated_add=triton_activations.sigmoid_gated_add)
+    fast_ops = replace(ref_ops, route=triton_moe.route, routed_experts=triton_moe.routed_experts, silu_mul=triton_activations.silu_mul)
     with torch.device(DEV):
         fast, ref = SparseMoE(cfg, TPGroup(), fast_ops, ""), SparseMoE(cfg, TPGroup(), ref_ops, "")
     for p, q in zip(fast.parameters(), ref.parameters()):

@@ -63,8 +63,10 @@ def _expert_matmul(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor,
     return out
 
 
-def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gemv_pairs: int | None = None) -> torch.Tensor:
-    """Same contract as `reference.routed_experts`: x [tokens, hidden]; weights, experts [tokens, top_k]."""
+def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, shared_gate: torch.Tensor,
+                   shared: torch.Tensor, gemv_pairs: int | None = None) -> torch.Tensor:
+    """Same contract as `reference.routed_experts`: x [tokens, hidden]; weights, experts [tokens, top_k]; the shared
+    expert's gate logit [tokens, 1] and output [tokens, hidden] join in the last launch."""
     top_k = experts.shape[1]
     flat = experts.reshape(-1)
     per_pair = flat.numel() <= (GEMV_PAIRS if gemv_pairs is None else gemv_pairs)
@@ -78,7 +80,7 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
     y = _expert_matmul(hidden, layer.w2, flat, 1, by_expert)  # [pairs, hidden]
     if lora:
         lora.add(hidden, y, layer.lora_a2, layer.lora_b2, layer.lora_row_part2, 1)
-    return combine_pairs(y, weights)
+    return combine_pairs(y, weights, shared_gate, shared)
 
 
 class _ExpertLoRA:
@@ -100,7 +102,7 @@ class _ExpertLoRA:
 
 
 @triton.jit
-def _combine_kernel(y_ptr, w_ptr, out_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(y_ptr, w_ptr, gate_ptr, gate_row, shared_ptr, out_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -109,17 +111,25 @@ def _combine_kernel(y_ptr, w_ptr, out_ptr, n, K: tl.constexpr, BLOCK: tl.constex
         pair = token * K + j
         y = tl.load(y_ptr + pair.to(tl.int64) * n + cols, mask=mask, other=0.0).to(tl.float32)
         acc += tl.load(w_ptr + pair).to(tl.float32) * y
-    tl.store(out_ptr + token.to(tl.int64) * n + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    routed = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded, as the reference's routed sum is
+    row = token.to(tl.int64) * n
+    g = tl.load(gate_ptr + token.to(tl.int64) * gate_row).to(tl.float32)
+    shared = tl.load(shared_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row + cols, (routed + shared / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def combine_pairs(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out[t] = Σ_j weights[t, j] · y[t·k + j]: y [tokens·k, hidden] (pairs in token order), weights [tokens, k].
-    Float32 inside, one rounding to y's dtype."""
+def combine_pairs(y: torch.Tensor, weights: torch.Tensor, shared_gate: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """out[t] = Σ_j weights[t, j] · y[t·k + j] + σ(shared_gate[t]) · shared[t], the MoE block's output in one launch:
+    y [tokens·k, hidden] (pairs in token order), weights [tokens, k], shared_gate [tokens, 1] (a row view will do),
+    shared [tokens, hidden]. Float32 inside; the routed sum is rounded to y's dtype before the shared expert joins,
+    as `reference.routed_experts` rounds it."""
     tokens, top_k = weights.shape
     n = y.shape[1]
+    shared = shared.contiguous()  # a no-op for the shared expert's output
     out = torch.empty(tokens, n, dtype=y.dtype, device=y.device)
     block = min(1024, triton.next_power_of_2(n))
-    _combine_kernel[(tokens, triton.cdiv(n, block))](y, weights.contiguous(), out, n, K=top_k, BLOCK=block)
+    _combine_kernel[(tokens, triton.cdiv(n, block))](y, weights.contiguous(), shared_gate, shared_gate.stride(0), shared, out, n,
+                                                     K=top_k, BLOCK=block)
     return out
 
 

@@ -73,9 +73,11 @@ class Experts(nn.Module):
             return a2[e, 0], b2[e]
         return a13[e, 0 if name == "gate_proj" else 1], b13[e]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum."""
-        return self.ops.routed_experts(self, x, weights, experts)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, shared_gate: torch.Tensor,
+                shared: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, hidden]; weights, experts: [tokens, top_k]; the shared expert's gate logit [tokens, 1] and
+        output [tokens, hidden], added as the routed sum is formed. Returns this rank's partial sum of the block."""
+        return self.ops.routed_experts(self, x, weights, experts, shared_gate, shared)
 
 
 class SparseMoE(nn.Module):
@@ -105,8 +107,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits, shared_gate, shared_gate_proj, shared_up = self.in_proj(x)
         weights, experts = self.ops.route(router_logits, self.top_k)
+        shared = self.shared_down(self.ops.silu_mul(shared_gate_proj, shared_up))
         # Both terms are this rank's partial sums and the gate is the same on every rank, so the next norm's one
         # all-reduce sums the whole block.
-        routed = self.experts(x, weights, experts)
-        shared = self.shared_down(self.ops.silu_mul(shared_gate_proj, shared_up))
-        return self.ops.sigmoid_gated_add(routed, shared_gate, shared)
+        return self.experts(x, weights, experts, shared_gate, shared)
