@@ -164,10 +164,11 @@ def test_norm_rope(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", ["per pair", "grouped"])
 @pytest.mark.parametrize("step", ["decode", "prefill"])
-def test_routed_experts(dtype, path, step):
-    """Both GPU paths with expert LoRA (BGMV in a decode step, SGMV otherwise) against the reference's loop over
-    experts: tokens of two adapters and of the base model, an expert chosen by several tokens, an expert chosen by
-    none, ranks below the maximum."""
+@pytest.mark.parametrize("adapters", ["mixed", "none"])  # none: the per-pair path applies the activation inside the down GEMV
+def test_routed_experts(dtype, path, step, adapters):
+    """Both GPU paths with expert LoRA (BGMV in a decode step, SGMV otherwise), and without, against the reference's
+    loop over experts: tokens of two adapters and of the base model, an expert chosen by several tokens, an expert
+    chosen by none, ranks below the maximum."""
     from hylo.distributed import TPGroup
     from hylo.kernels import select_ops
     from hylo.kernels.triton_grouped import sort_rows
@@ -182,23 +183,25 @@ def test_routed_experts(dtype, path, step):
         layer = Experts(6, 64, 48, TPGroup(), select_ops(DEV), "")
         layer.w13.data = rand(6, 96, 64, dtype=dtype) * 0.2
         layer.w2.data = rand(6, 64, 48, dtype=dtype) * 0.2
+    lora = ("lora_a13", "lora_b13", "lora_a2", "lora_b2") if adapters == "mixed" else ()
+    if lora:
         layer.enable_lora(3, 8, LoRABatch(), 1)
-    for slot, rank in [(0, 8), (2, 3)]:
-        for t in (layer.lora_a13, layer.lora_a2):
-            t[slot, ..., :rank, :] = rand(*t[slot, ..., :rank, :].shape, dtype=dtype) * 0.2
-        for t in (layer.lora_b13, layer.lora_b2):
-            t[slot, ..., :rank] = rand(*t[slot, ..., :rank].shape, dtype=dtype) * 0.2
-    token_slots = torch.tensor([2, -1, 0, 2, 0, 0, 2], device=DEV)
-    layer.lora_batch.token_slots = token_slots
-    layer.lora_batch.per_token = step == "decode"
-    layer.lora_batch.sorted_rows = None if step == "decode" else sort_rows(token_slots, 3)
+        for slot, rank in [(0, 8), (2, 3)]:
+            for t in (layer.lora_a13, layer.lora_a2):
+                t[slot, ..., :rank, :] = rand(*t[slot, ..., :rank, :].shape, dtype=dtype) * 0.2
+            for t in (layer.lora_b13, layer.lora_b2):
+                t[slot, ..., :rank] = rand(*t[slot, ..., :rank].shape, dtype=dtype) * 0.2
+        token_slots = torch.tensor([2, -1, 0, 2, 0, 0, 2], device=DEV)
+        layer.lora_batch.token_slots = token_slots
+        layer.lora_batch.per_token = step == "decode"
+        layer.lora_batch.sorted_rows = None if step == "decode" else sort_rows(token_slots, 3)
     x = rand(7, 64, dtype=dtype)
     experts = torch.tensor([[1, 4], [4, 0], [5, 1], [1, 0], [3, 4], [4, 1], [0, 5]], device=DEV)  # expert 2 idle
     weights = torch.rand(7, 2, device=DEV).to(dtype)
     shared_gate, shared = rand(7, 1, dtype=dtype) * 3, rand(7, 64, dtype=dtype)
     got = routed_experts(layer, x, weights, experts, shared_gate, shared, gemv_pairs=100 if path == "per pair" else 0).float()
     layer.w13.data, layer.w2.data = layer.w13.float(), layer.w2.float()  # the oracle in float32
-    for name in ("lora_a13", "lora_b13", "lora_a2", "lora_b2"):
+    for name in lora:
         setattr(layer, name, getattr(layer, name).float())
     ref = reference.routed_experts(layer, x.float(), weights.float(), experts, shared_gate.float(), shared.float())
     # torch's own bf16 forward is ~0.5% off here; the interpreter truncates to bf16 instead of rounding.

@@ -30,11 +30,11 @@ GEMV_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 4), (8, 512, 4), (64, 128, 4
 
 @triton.autotune(
     configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in GEMV_TILES[: 1 if os.environ.get("TRITON_INTERPRET") == "1" else None]],
-    key=["n_out", "IN"],
+    key=["n_out", "IN", "GATED"],
 )
 @triton.jit
 def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, n_out, x_div,
-                        IN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        IN: tl.constexpr, GATED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pair = tl.program_id(0)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     rm = rows < n_out
@@ -44,7 +44,12 @@ def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, n_out, x_div,
     for start in range(0, IN, BK):
         cols = start + tl.arange(0, BK)
         cm = cols < IN
-        x = tl.load(x_base + cols, mask=cm, other=0.0).to(tl.float32)
+        if GATED:  # x holds [gate | up]: SiLU(gate)·up as it is read, rounded as `silu_mul` rounds it
+            g = tl.load(x_base + cols, mask=cm, other=0.0).to(tl.float32)
+            u = tl.load(x_base + IN + cols, mask=cm, other=0.0).to(tl.float32)
+            x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x_base + cols, mask=cm, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + (expert * n_out + rows[:, None]) * IN + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     tl.store(out_ptr + pair * n_out + rows, acc.to(out_ptr.dtype.element_ty), mask=rm)
@@ -52,14 +57,19 @@ def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, n_out, x_div,
 
 def _expert_matmul(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, x_div: int, by_expert: SortedRows | None) -> torch.Tensor:
     """out[p] = weight[experts[p]] · x[p // x_div]; weight [E, out, in]. Per pair unless the pairs come sorted."""
-    pairs = experts.numel()
-    _, n_out, n_in = weight.shape
+    if by_expert is None:
+        return _expert_gemv(x, weight, experts, x_div)
+    out = torch.empty(experts.numel(), weight.shape[1], dtype=x.dtype, device=x.device)
+    grouped_matmul(x, weight, out, by_expert, x_div)
+    return out
+
+
+def _expert_gemv(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, x_div: int, gated: bool = False) -> torch.Tensor:
+    """One program per pair and tile of output rows; `gated`: x is [pairs, 2·in] ([gate | up]), activated as it is read."""
+    pairs, n_out = experts.numel(), weight.shape[1]
     out = torch.empty(pairs, n_out, dtype=x.dtype, device=x.device)
-    if by_expert is not None:
-        grouped_matmul(x, weight, out, by_expert, x_div)
-        return out
     grid = lambda meta: (pairs, triton.cdiv(n_out, meta["BN"]))  # noqa: E731
-    _expert_gemv_kernel[grid](x, x.stride(0), weight, experts, out, n_out, x_div, IN=n_in)
+    _expert_gemv_kernel[grid](x, x.stride(0), weight, experts, out, n_out, x_div, IN=weight.shape[2], GATED=gated)
     return out
 
 
@@ -76,10 +86,14 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
     gate_up = _expert_matmul(x, layer.w13, flat, top_k, by_expert)  # [pairs, 2·local]
     if lora:
         lora.add(x, gate_up, layer.lora_a13, layer.lora_b13, layer.lora_row_part13, top_k)
-    hidden = silu_mul(*gate_up.chunk(2, dim=-1))
-    y = _expert_matmul(hidden, layer.w2, flat, 1, by_expert)  # [pairs, hidden]
-    if lora:
-        lora.add(hidden, y, layer.lora_a2, layer.lora_b2, layer.lora_row_part2, 1)
+    if by_expert is None and lora is None:
+        # The activation is applied as the down GEMV reads its input: at decode, one launch fewer per layer.
+        y = _expert_gemv(gate_up, layer.w2, flat, 1, gated=True)
+    else:
+        hidden = silu_mul(*gate_up.chunk(2, dim=-1))
+        y = _expert_matmul(hidden, layer.w2, flat, 1, by_expert)  # [pairs, hidden]
+        if lora:
+            lora.add(hidden, y, layer.lora_a2, layer.lora_b2, layer.lora_row_part2, 1)
     return combine_pairs(y, weights, shared_gate, shared)
 
 
