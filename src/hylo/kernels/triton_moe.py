@@ -33,8 +33,8 @@ GEMV_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 4), (8, 512, 4), (64, 128, 4
     key=["n_out", "IN", "GATED"],
 )
 @triton.jit
-def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, n_out, x_div,
-                        IN: tl.constexpr, GATED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, h_ptr, n_out, x_div,
+                        IN: tl.constexpr, GATED: tl.constexpr, WRITE_H: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pair = tl.program_id(0)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     rm = rows < n_out
@@ -47,7 +47,10 @@ def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, n_out, x_div,
         if GATED:  # x holds [gate | up]: SiLU(gate)·up as it is read, rounded as `silu_mul` rounds it
             g = tl.load(x_base + cols, mask=cm, other=0.0).to(tl.float32)
             u = tl.load(x_base + IN + cols, mask=cm, other=0.0).to(tl.float32)
-            x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+            h = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty)
+            if WRITE_H and tl.program_id(1) == 0:  # the activation itself, for the LoRA that reads it
+                tl.store(h_ptr + pair * IN + cols, h, mask=cm)
+            x = h.to(tl.float32)
         else:
             x = tl.load(x_base + cols, mask=cm, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + (expert * n_out + rows[:, None]) * IN + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
@@ -64,12 +67,15 @@ def _expert_matmul(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor,
     return out
 
 
-def _expert_gemv(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, x_div: int, gated: bool = False) -> torch.Tensor:
-    """One program per pair and tile of output rows; `gated`: x is [pairs, 2·in] ([gate | up]), activated as it is read."""
+def _expert_gemv(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, x_div: int, gated: bool = False,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """One program per pair and tile of output rows. `gated`: x is [pairs, 2·in] ([gate | up]), activated as it is
+    read, and the activation [pairs, in] is written to `hidden` if given."""
     pairs, n_out = experts.numel(), weight.shape[1]
     out = torch.empty(pairs, n_out, dtype=x.dtype, device=x.device)
     grid = lambda meta: (pairs, triton.cdiv(n_out, meta["BN"]))  # noqa: E731
-    _expert_gemv_kernel[grid](x, x.stride(0), weight, experts, out, n_out, x_div, IN=weight.shape[2], GATED=gated)
+    _expert_gemv_kernel[grid](x, x.stride(0), weight, experts, out, out if hidden is None else hidden, n_out, x_div,
+                              IN=weight.shape[2], GATED=gated, WRITE_H=hidden is not None)
     return out
 
 
@@ -86,14 +92,16 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
     gate_up = _expert_matmul(x, layer.w13, flat, top_k, by_expert)  # [pairs, 2·local]
     if lora:
         lora.add(x, gate_up, layer.lora_a13, layer.lora_b13, layer.lora_row_part13, top_k)
-    if by_expert is None and lora is None:
-        # The activation is applied as the down GEMV reads its input: at decode, one launch fewer per layer.
-        y = _expert_gemv(gate_up, layer.w2, flat, 1, gated=True)
+    if by_expert is None:
+        # The activation is applied as the down GEMV reads its input (one launch fewer per layer at decode); the same
+        # launch writes it out for the adapters' down_proj, which reads it.
+        hidden = torch.empty(flat.numel(), layer.local, dtype=x.dtype, device=x.device) if lora else None
+        y = _expert_gemv(gate_up, layer.w2, flat, 1, gated=True, hidden=hidden)
     else:
         hidden = silu_mul(*gate_up.chunk(2, dim=-1))
         y = _expert_matmul(hidden, layer.w2, flat, 1, by_expert)  # [pairs, hidden]
-        if lora:
-            lora.add(hidden, y, layer.lora_a2, layer.lora_b2, layer.lora_row_part2, 1)
+    if lora:
+        lora.add(hidden, y, layer.lora_a2, layer.lora_b2, layer.lora_row_part2, 1)
     return combine_pairs(y, weights, shared_gate, shared)
 
 

@@ -102,12 +102,12 @@ class SparseMoE(nn.Module):
             owner,
         )
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, tp, ops, owner)
-        self.shared_down = RowLinear(Proj.plain("shared_expert.down_proj", shared), cfg.hidden_size, tp, owner)
+        self.shared_expert_down = RowLinear(Proj.plain("shared_expert.down_proj", shared), cfg.hidden_size, tp, owner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits, shared_gate, shared_gate_proj, shared_up = self.in_proj(x)
         weights, experts = self.ops.route(router_logits, self.top_k)
-        shared = self.shared_down(self.ops.silu_mul(shared_gate_proj, shared_up))
+        shared = self.shared_expert_down(self.ops.silu_mul(shared_gate_proj, shared_up))
         # Both terms are this rank's partial sums and the gate is the same on every rank, so the next norm's one
         # all-reduce sums the whole block.
         return self.experts(x, weights, experts, shared_gate, shared)
