@@ -100,6 +100,14 @@ def test_a_tensor_the_config_does_not_target(llm, good, tmp_path):
     refused(llm, edited(good, tmp_path, {"target_modules": ["q_proj", "k_proj"]}), r"target_modules does not cover it")
 
 
+def test_a_linear_targeted_through_target_parameters(engines, adapters):
+    """PEFT wraps a 2D linear's weight named in target_parameters and loads the adapter; hylo reads target_parameters
+    for the fused experts only, and says so (not that PEFT would ignore the tensors)."""
+    llm = engines("moe", enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK)
+    adapter = adapters("moe", seed=67, target_modules=None, target_parameters=["shared_expert_gate.weight"])
+    refused(llm, adapter, r"layers\.0\.mlp\.shared_expert_gate' is targeted through target_parameters.*retrain with this module in target_modules")
+
+
 def test_a_targeted_module_without_tensors(llm, good, tmp_path):
     def drop(w):
         for key in [k for k in w if ".layers.2.linear_attn.in_proj_b." in k]:

@@ -255,6 +255,10 @@ class _Reader:
         if target is None or target.part.lora == "parameter":
             return f"'{module}' is not a module of this {self.model_config.architecture} (an adapter for another model?)"
         if not self.config.targets_module(module):
+            if self.config.targets_parameter(f"{module}.weight"):
+                # PEFT wraps the 2D weight as a parameter here; hylo reads target_parameters for the fused experts only.
+                return (f"'{module}' is targeted through target_parameters ('{module}.weight'), which hylo applies to the "
+                        "MoE's fused expert tensors only; retrain with this module in target_modules")
             return f"'{module}' has tensors but the adapter's target_modules does not cover it, so PEFT would not load them"
         for key in ab.values():
             rows[key].target = target
