@@ -141,3 +141,26 @@ def test_disable_log_requests_and_hylos_own_defaults(greedy_defaults):
         assert "request cmpl-" not in s.proc.stderr.read().decode()
     finally:
         assert s.stop()
+
+
+def test_start_up_adapters_are_read_before_the_engine_thread_starts(monkeypatch):
+    """Only the engine thread may drive the engine once it runs: --lora-modules read beside it raced its polls of the
+    reads (a KeyError in the engine thread, which left a TP=2 server answering /health with no engine)."""
+    import threading
+
+    import uvicorn
+
+    from hylo.engine.engine import LLMEngine
+
+    alive_during_reads = []
+    add_lora = LLMEngine.add_lora
+
+    def watched(self, *requests):
+        alive_during_reads.append(any(t.name == "hylo-engine" and t.is_alive() for t in threading.enumerate()))
+        return add_lora(self, *requests)
+
+    monkeypatch.setattr(LLMEngine, "add_lora", watched)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # start, then stop at once
+    args = build_parser().parse_args(["serve", "--device", "cpu"])  # the demo model and its two adapters
+    assert args.run(args) == 0
+    assert alive_during_reads == [False]

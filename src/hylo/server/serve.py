@@ -12,6 +12,7 @@ Lifecycle:
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import threading
@@ -126,6 +127,15 @@ def serve(args: argparse.Namespace) -> int:
             engine.shutdown()
             raise ValueError(f"--chat-template: '{model}' has no tokenizer to render chat with")
         engine.tokenizer.chat_template = chat_template  # before the prompt workers copy the tokenizer
+    ids = itertools.count(1)  # adapter ids: the start-up ones, then those loaded at run time
+    requests = {name: LoRARequest(name, next(ids), path) for name, path in modules.items()}
+    try:
+        # Before the engine thread starts: from then on only that thread may drive the engine (two threads polling the
+        # adapter reads at once broke the reads' bookkeeping and, at TP>1, the workers' pipes).
+        engine.add_lora(*requests.values())  # read side by side
+    except BaseException:
+        engine.shutdown()
+        raise
     server: Server | None = None
 
     def on_failure(reason: str) -> None:
@@ -146,12 +156,10 @@ def serve(args: argparse.Namespace) -> int:
         Path(os.path.realpath(args.lora_root)) if args.allow_runtime_lora else None,
         max_request_bytes=args.max_request_bytes, trust_request_chat_template=args.trust_request_chat_template,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser, auto_tool_choice=args.enable_auto_tool_choice,
-        served_aliases=tuple(served_names[1:]), log_requests=not args.disable_log_requests,
+        served_aliases=tuple(served_names[1:]), log_requests=not args.disable_log_requests, ids=ids,
     )
+    state.adapters.update(requests)
     try:
-        requests = {name: LoRARequest(name, next(state.ids), path) for name, path in modules.items()}
-        engine.add_lora(*requests.values())  # read side by side
-        state.adapters.update(requests)
         scheme = "https" if args.ssl_certfile else "http"
         log.info("serving %s (adapters: %s) on %s://%s:%d", ", ".join(state.served_names), ", ".join(state.adapters) or "none", scheme,
                  args.host, args.port)
