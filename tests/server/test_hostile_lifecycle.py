@@ -167,6 +167,31 @@ def test_engine_failure_fails_every_request_and_exits_nonzero():
             s.proc.wait()
 
 
+def test_a_fault_outside_a_step_fails_the_engine_instead_of_leaving_a_server_without_one(monkeypatch):
+    """In-process: the engine thread's bookkeeping between steps raises. The engine is failed (what a dead worker does:
+    new requests are refused with the reason, and the server is told to exit non-zero), not left with no thread."""
+    from hylo.engine.config import EngineConfig
+    from hylo.engine.engine import LLMEngine
+    from hylo.server.async_engine import AsyncEngine, EngineFailed
+    from hylo.server.metrics import Metrics
+
+    def broken(self, engine):
+        raise RuntimeError("bookkeeping broke")
+
+    monkeypatch.setattr(Metrics, "observe_step", broken)
+    engine = LLMEngine(EngineConfig(model=str(BASE_DIR), device="cpu", max_model_len=4000, kv_cache_memory_bytes=32 << 20), progress=False)
+    told = threading.Event()
+    reasons = []
+    async_engine = AsyncEngine(engine, 64, Metrics(), lambda reason: (reasons.append(reason), told.set()))
+    try:
+        assert told.wait(30), "the failure was never reported"
+        assert "bookkeeping broke" in reasons[0]
+        with pytest.raises(EngineFailed, match="bookkeeping broke"):
+            asyncio.run(async_engine.call(lambda: None))
+    finally:
+        async_engine.stop()
+
+
 # -- B. bounded work ---------------------------------------------------------------------------------
 
 

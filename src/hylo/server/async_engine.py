@@ -287,6 +287,9 @@ class AsyncEngine:
                     break
                 for out in outputs:
                     self._deliver(out.request_id, out)
+        except Exception as e:  # a fault outside a step (adapter bookkeeping, delivery): the server must not stay up without it
+            log.exception("the engine thread failed")
+            self._fail(f"the engine thread failed: {e!r}")
         finally:
             with self.lock:
                 self.exited = True
