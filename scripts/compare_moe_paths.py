@@ -33,9 +33,10 @@ def main() -> None:
         x = torch.randn(tokens, HIDDEN, device=device, dtype=torch.bfloat16)
         experts = torch.rand(tokens, EXPERTS, device=device).topk(TOP_K, dim=-1).indices
         weights = torch.full((tokens, TOP_K), 1 / TOP_K, device=device, dtype=torch.bfloat16)
+        shared_gate, shared = torch.zeros(tokens, 1, device=device, dtype=torch.bfloat16), torch.zeros_like(x)
         for adapters in (0, ADAPTERS):
             layer.lora_batch = LoRABatch(torch.arange(tokens, device=device) % ADAPTERS, per_token=True) if adapters else None
-            times = [graph_us(lambda: routed_experts(layer, x, weights, experts, gemv_pairs=limit)) for limit in (10**9, 0)]
+            times = [graph_us(lambda: routed_experts(layer, x, weights, experts, shared_gate, shared, gemv_pairs=limit)) for limit in (10**9, 0)]
             print(f"{tokens:6d} {adapters:8d} {times[0]:9.1f} {times[1]:8.1f}", flush=True)
 
 

@@ -164,10 +164,11 @@ def test_norm_rope(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", ["per pair", "grouped"])
 @pytest.mark.parametrize("step", ["decode", "prefill"])
-def test_routed_experts(dtype, path, step):
-    """Both GPU paths with expert LoRA (BGMV in a decode step, SGMV otherwise) against the reference's loop over
-    experts: tokens of two adapters and of the base model, an expert chosen by several tokens, an expert chosen by
-    none, ranks below the maximum."""
+@pytest.mark.parametrize("adapters", ["mixed", "none"])  # none: the per-pair path applies the activation inside the down GEMV
+def test_routed_experts(dtype, path, step, adapters):
+    """Both GPU paths with expert LoRA (BGMV in a decode step, SGMV otherwise), and without, against the reference's
+    loop over experts: tokens of two adapters and of the base model, an expert chosen by several tokens, an expert
+    chosen by none, ranks below the maximum."""
     from hylo.distributed import TPGroup
     from hylo.kernels import select_ops
     from hylo.kernels.triton_grouped import sort_rows
@@ -182,24 +183,27 @@ def test_routed_experts(dtype, path, step):
         layer = Experts(6, 64, 48, TPGroup(), select_ops(DEV), "")
         layer.w13.data = rand(6, 96, 64, dtype=dtype) * 0.2
         layer.w2.data = rand(6, 64, 48, dtype=dtype) * 0.2
+    lora = ("lora_a13", "lora_b13", "lora_a2", "lora_b2") if adapters == "mixed" else ()
+    if lora:
         layer.enable_lora(3, 8, LoRABatch(), 1)
-    for slot, rank in [(0, 8), (2, 3)]:
-        for t in (layer.lora_a13, layer.lora_a2):
-            t[slot, ..., :rank, :] = rand(*t[slot, ..., :rank, :].shape, dtype=dtype) * 0.2
-        for t in (layer.lora_b13, layer.lora_b2):
-            t[slot, ..., :rank] = rand(*t[slot, ..., :rank].shape, dtype=dtype) * 0.2
-    token_slots = torch.tensor([2, -1, 0, 2, 0, 0, 2], device=DEV)
-    layer.lora_batch.token_slots = token_slots
-    layer.lora_batch.per_token = step == "decode"
-    layer.lora_batch.sorted_rows = None if step == "decode" else sort_rows(token_slots, 3)
+        for slot, rank in [(0, 8), (2, 3)]:
+            for t in (layer.lora_a13, layer.lora_a2):
+                t[slot, ..., :rank, :] = rand(*t[slot, ..., :rank, :].shape, dtype=dtype) * 0.2
+            for t in (layer.lora_b13, layer.lora_b2):
+                t[slot, ..., :rank] = rand(*t[slot, ..., :rank].shape, dtype=dtype) * 0.2
+        token_slots = torch.tensor([2, -1, 0, 2, 0, 0, 2], device=DEV)
+        layer.lora_batch.token_slots = token_slots
+        layer.lora_batch.per_token = step == "decode"
+        layer.lora_batch.sorted_rows = None if step == "decode" else sort_rows(token_slots, 3)
     x = rand(7, 64, dtype=dtype)
     experts = torch.tensor([[1, 4], [4, 0], [5, 1], [1, 0], [3, 4], [4, 1], [0, 5]], device=DEV)  # expert 2 idle
     weights = torch.rand(7, 2, device=DEV).to(dtype)
-    got = routed_experts(layer, x, weights, experts, gemv_pairs=100 if path == "per pair" else 0).float()
+    shared_gate, shared = rand(7, 1, dtype=dtype) * 3, rand(7, 64, dtype=dtype)
+    got = routed_experts(layer, x, weights, experts, shared_gate, shared, gemv_pairs=100 if path == "per pair" else 0).float()
     layer.w13.data, layer.w2.data = layer.w13.float(), layer.w2.float()  # the oracle in float32
-    for name in ("lora_a13", "lora_b13", "lora_a2", "lora_b2"):
+    for name in lora:
         setattr(layer, name, getattr(layer, name).float())
-    ref = reference.routed_experts(layer, x.float(), weights.float(), experts)
+    ref = reference.routed_experts(layer, x.float(), weights.float(), experts, shared_gate.float(), shared.float())
     # torch's own bf16 forward is ~0.5% off here; the interpreter truncates to bf16 instead of rounding.
     bound = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if DEV.type == "cuda" else 3e-2}[dtype]
     assert ((got - ref).norm() / ref.norm()).item() < bound
@@ -243,12 +247,16 @@ def test_route_ids_equal_topk(experts, top_k):
 @pytest.mark.parametrize("top_k, hidden", [(3, 48), (8, 2048)])
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_combine_pairs(dtype, top_k, hidden, tokens):
+    """The routed pairs' weighted sum plus the shared expert gated by one logit per token (a row view of the fused
+    projection's output, as the MoE block passes it)."""
     from hylo.kernels.triton_moe import combine_pairs
 
     torch.manual_seed(11)
     y, weights = rand(tokens * top_k, hidden, dtype=dtype), torch.rand(tokens, top_k, device=DEV).to(dtype)
-    ref = (y.view(-1, top_k, hidden).float() * weights[..., None].float()).sum(dim=1).to(dtype)
-    close(combine_pairs(y, weights), ref, dtype)
+    shared, shared_gate = rand(tokens, hidden, dtype=dtype), (rand(tokens, 3, dtype=dtype) * 3)[:, 1:2]
+    routed = (y.view(-1, top_k, hidden).float() * weights[..., None].float()).sum(dim=1).to(dtype)
+    ref = (routed.float() + torch.sigmoid(shared_gate.float()) * shared.float()).to(dtype)  # one rounding, as the kernel's
+    close(combine_pairs(y, weights, shared_gate, shared), ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -266,20 +274,8 @@ def test_silu_mul(dtype, n, tokens):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [48, 2048])
-@pytest.mark.parametrize("tokens", TOKENS)
-def test_sigmoid_gated_add(dtype, hidden, tokens):
-    """The MoE layer's routed sum plus its shared expert, gated by one logit per token."""
-    from hylo.kernels.triton_activations import sigmoid_gated_add
-
-    torch.manual_seed(13)
-    x, y, gate = rand(tokens, hidden, dtype=dtype), rand(tokens, hidden, dtype=dtype), rand(tokens, 1, dtype=dtype) * 3
-    close(sigmoid_gated_add(x, gate, y), reference.sigmoid_gated_add(x, gate, y), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_sparse_moe_layer_on_fast_ops(dtype):
-    """The MoE block wired to the fast router, experts, SiLU and shared-expert gate, against the same block on the
+    """The MoE block wired to the fast router, experts (with the gated shared expert) and SiLU, against the same block on the
     reference ops: the tiny models' shapes, a decode-sized batch (the per-pair path, no tl.dot)."""
     from dataclasses import replace
     from types import SimpleNamespace
@@ -292,8 +288,7 @@ def test_sparse_moe_layer_on_fast_ops(dtype):
     cfg = SimpleNamespace(hidden_size=48, num_experts=10, num_experts_per_tok=3, moe_intermediate_size=24,
                           shared_expert_intermediate_size=56)
     ref_ops = select_ops(torch.device("cpu"))
-    fast_ops = replace(ref_ops, route=triton_moe.route, routed_experts=triton_moe.routed_experts,
-                       silu_mul=triton_activations.silu_mul, sigmoid_gated_add=triton_activations.sigmoid_gated_add)
+    fast_ops = replace(ref_ops, route=triton_moe.route, routed_experts=triton_moe.routed_experts, silu_mul=triton_activations.silu_mul)
     with torch.device(DEV):
         fast, ref = SparseMoE(cfg, TPGroup(), fast_ops, ""), SparseMoE(cfg, TPGroup(), ref_ops, "")
     for p, q in zip(fast.parameters(), ref.parameters()):

@@ -21,6 +21,9 @@ def test_reports_each_ranks_slices(checkpoints, adapters, capsys):
     # Two KV heads over four ranks: each head is replicated on two ranks.
     d = TEXT["head_dim"]
     assert f"rank 0: rows k_proj 0:{d}\n    rank 1: rows k_proj 0:{d}\n    rank 2: rows k_proj {d}:{2 * d}" in out
+    # The shared expert's gate sits in the MoE block's fused projection, one row kept whole on every rank.
+    gate_b = "base_model.model.model.layers.0.mlp.shared_expert_gate.lora_B.weight"
+    assert f"{gate_b} [1, {RANK}]\n    → layer model.layers.0.mlp.in_proj, part shared_expert_gate (module)\n    whole on every rank" in out
     assert out.strip().endswith(f"max rank {RANK}")
 
 

@@ -21,19 +21,17 @@ class Ops:
     routed_experts: Callable
     route: Callable
     silu_mul: Callable
-    sigmoid_gated_add: Callable
 
 
 def select_ops(device: torch.device) -> Ops:
     """CPU: the torch reference (the oracle for every faster kernel). CUDA: Triton kernels for decode steps, norms,
-    the MoE router, routed experts and shared-expert gate, and the MLP's activation; SDPA and fla-core (the `cuda`
+    the MoE router, routed experts (the gated shared expert joins their last launch), and the MLP's activation; SDPA and fla-core (the `cuda`
     extra) for prefill."""
     if device.type != "cuda":
         return Ops(reference.paged_attention, reference.causal_conv1d, reference.gated_delta_rule, reference.rms_norm,
                    reference.gated_rms_norm, reference.norm_rope, reference.routed_experts, reference.route,
-                   reference.silu_mul, reference.sigmoid_gated_add)
+                   reference.silu_mul)
     from hylo.kernels import triton_activations, triton_moe, triton_norms
 
     return Ops(gpu.paged_attention, gpu.causal_conv1d, gpu.gated_delta_rule, triton_norms.rms_norm, triton_norms.gated_rms_norm,
-               triton_norms.norm_rope, triton_moe.routed_experts, triton_moe.route, triton_activations.silu_mul,
-               triton_activations.sigmoid_gated_add)
+               triton_norms.norm_rope, triton_moe.routed_experts, triton_moe.route, triton_activations.silu_mul)

@@ -214,15 +214,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def sigmoid_gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + σ(gate)·y, gate [tokens, 1] one logit per token: how MoE adds its shared expert to the routed sum."""
-    return x + torch.sigmoid(gate) * y
-
-
-def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, shared_gate: torch.Tensor,
+                   shared: torch.Tensor) -> torch.Tensor:
     """An MoE layer's routed experts (`layers.moe.Experts`: w13, w2 and their LoRA slots): the (token, expert) pairs
     sorted by expert, then each expert's run of pairs as two matmuls. One host sync per layer (the run lengths).
-    x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum."""
+    x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum of the block: the routed
+    sum plus the shared expert's output `shared` [tokens, hidden] gated by σ(shared_gate) [tokens, 1]."""
     top_k = experts.shape[1]
     flat = experts.reshape(-1)
     order = flat.argsort(stable=True)
@@ -250,7 +247,8 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
         if groups:
             lora_delta(h, y, layer.lora_a2[:, e], layer.lora_b2[:, e], [(0, y.shape[1])], groups)
         ys[run] = (y * pair_weights[run, None]).to(ys.dtype)
-    return torch.zeros_like(x).index_add_(0, token, ys)
+    routed = torch.zeros_like(x).index_add_(0, token, ys)
+    return routed + torch.sigmoid(shared_gate) * shared
 
 
 def _slot_groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

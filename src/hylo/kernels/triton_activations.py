@@ -28,24 +28,3 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     grid = (gate2.shape[0], triton.cdiv(n, block))
     _silu_mul_kernel[grid](gate2, gate2.stride(0), up2, up2.stride(0), out, n, BLOCK=block)
     return out
-
-
-@triton.jit
-def _sigmoid_gated_add_kernel(x_ptr, gate_ptr, gate_row, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
-    g = tl.load(gate_ptr + row * gate_row).to(tl.float32)
-    x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n + cols, (x + y / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def sigmoid_gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`reference.sigmoid_gated_add` in one launch (torch's form is three): x, y [tokens, n]; gate [tokens, 1]."""
-    x, y = x.contiguous(), y.contiguous()  # no-ops for the MoE layer's outputs
-    tokens, n = x.shape
-    out = torch.empty_like(x)
-    block = min(1024, triton.next_power_of_2(n))
-    _sigmoid_gated_add_kernel[(tokens, triton.cdiv(n, block))](x, gate, gate.stride(0), y, out, n, BLOCK=block)
-    return out

@@ -30,11 +30,11 @@ GEMV_TILES = [(32, 256, 4), (16, 256, 4), (16, 512, 4), (8, 512, 4), (64, 128, 4
 
 @triton.autotune(
     configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in GEMV_TILES[: 1 if os.environ.get("TRITON_INTERPRET") == "1" else None]],
-    key=["n_out", "IN"],
+    key=["n_out", "IN", "GATED"],
 )
 @triton.jit
-def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, n_out, x_div,
-                        IN: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, h_ptr, n_out, x_div,
+                        IN: tl.constexpr, GATED: tl.constexpr, WRITE_H: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pair = tl.program_id(0)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     rm = rows < n_out
@@ -44,7 +44,15 @@ def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, n_out, x_div,
     for start in range(0, IN, BK):
         cols = start + tl.arange(0, BK)
         cm = cols < IN
-        x = tl.load(x_base + cols, mask=cm, other=0.0).to(tl.float32)
+        if GATED:  # x holds [gate | up]: SiLU(gate)·up as it is read, rounded as `silu_mul` rounds it
+            g = tl.load(x_base + cols, mask=cm, other=0.0).to(tl.float32)
+            u = tl.load(x_base + IN + cols, mask=cm, other=0.0).to(tl.float32)
+            h = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty)
+            if WRITE_H and tl.program_id(1) == 0:  # the activation itself, for the LoRA that reads it
+                tl.store(h_ptr + pair * IN + cols, h, mask=cm)
+            x = h.to(tl.float32)
+        else:
+            x = tl.load(x_base + cols, mask=cm, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + (expert * n_out + rows[:, None]) * IN + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     tl.store(out_ptr + pair * n_out + rows, acc.to(out_ptr.dtype.element_ty), mask=rm)
@@ -52,19 +60,29 @@ def _expert_gemv_kernel(x_ptr, x_row, w_ptr, experts_ptr, out_ptr, n_out, x_div,
 
 def _expert_matmul(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, x_div: int, by_expert: SortedRows | None) -> torch.Tensor:
     """out[p] = weight[experts[p]] · x[p // x_div]; weight [E, out, in]. Per pair unless the pairs come sorted."""
-    pairs = experts.numel()
-    _, n_out, n_in = weight.shape
-    out = torch.empty(pairs, n_out, dtype=x.dtype, device=x.device)
-    if by_expert is not None:
-        grouped_matmul(x, weight, out, by_expert, x_div)
-        return out
-    grid = lambda meta: (pairs, triton.cdiv(n_out, meta["BN"]))  # noqa: E731
-    _expert_gemv_kernel[grid](x, x.stride(0), weight, experts, out, n_out, x_div, IN=n_in)
+    if by_expert is None:
+        return _expert_gemv(x, weight, experts, x_div)
+    out = torch.empty(experts.numel(), weight.shape[1], dtype=x.dtype, device=x.device)
+    grouped_matmul(x, weight, out, by_expert, x_div)
     return out
 
 
-def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gemv_pairs: int | None = None) -> torch.Tensor:
-    """Same contract as `reference.routed_experts`: x [tokens, hidden]; weights, experts [tokens, top_k]."""
+def _expert_gemv(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, x_div: int, gated: bool = False,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """One program per pair and tile of output rows. `gated`: x is [pairs, 2·in] ([gate | up]), activated as it is
+    read, and the activation [pairs, in] is written to `hidden` if given."""
+    pairs, n_out = experts.numel(), weight.shape[1]
+    out = torch.empty(pairs, n_out, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (pairs, triton.cdiv(n_out, meta["BN"]))  # noqa: E731
+    _expert_gemv_kernel[grid](x, x.stride(0), weight, experts, out, out if hidden is None else hidden, n_out, x_div,
+                              IN=weight.shape[2], GATED=gated, WRITE_H=hidden is not None)
+    return out
+
+
+def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, shared_gate: torch.Tensor,
+                   shared: torch.Tensor, gemv_pairs: int | None = None) -> torch.Tensor:
+    """Same contract as `reference.routed_experts`: x [tokens, hidden]; weights, experts [tokens, top_k]; the shared
+    expert's gate logit [tokens, 1] and output [tokens, hidden] join in the last launch."""
     top_k = experts.shape[1]
     flat = experts.reshape(-1)
     per_pair = flat.numel() <= (GEMV_PAIRS if gemv_pairs is None else gemv_pairs)
@@ -74,11 +92,17 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
     gate_up = _expert_matmul(x, layer.w13, flat, top_k, by_expert)  # [pairs, 2·local]
     if lora:
         lora.add(x, gate_up, layer.lora_a13, layer.lora_b13, layer.lora_row_part13, top_k)
-    hidden = silu_mul(*gate_up.chunk(2, dim=-1))
-    y = _expert_matmul(hidden, layer.w2, flat, 1, by_expert)  # [pairs, hidden]
+    if by_expert is None:
+        # The activation is applied as the down GEMV reads its input (one launch fewer per layer at decode); the same
+        # launch writes it out for the adapters' down_proj, which reads it.
+        hidden = torch.empty(flat.numel(), layer.local, dtype=x.dtype, device=x.device) if lora else None
+        y = _expert_gemv(gate_up, layer.w2, flat, 1, gated=True, hidden=hidden)
+    else:
+        hidden = silu_mul(*gate_up.chunk(2, dim=-1))
+        y = _expert_matmul(hidden, layer.w2, flat, 1, by_expert)  # [pairs, hidden]
     if lora:
         lora.add(hidden, y, layer.lora_a2, layer.lora_b2, layer.lora_row_part2, 1)
-    return combine_pairs(y, weights)
+    return combine_pairs(y, weights, shared_gate, shared)
 
 
 class _ExpertLoRA:
@@ -100,7 +124,7 @@ class _ExpertLoRA:
 
 
 @triton.jit
-def _combine_kernel(y_ptr, w_ptr, out_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(y_ptr, w_ptr, gate_ptr, gate_row, shared_ptr, out_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -109,17 +133,25 @@ def _combine_kernel(y_ptr, w_ptr, out_ptr, n, K: tl.constexpr, BLOCK: tl.constex
         pair = token * K + j
         y = tl.load(y_ptr + pair.to(tl.int64) * n + cols, mask=mask, other=0.0).to(tl.float32)
         acc += tl.load(w_ptr + pair).to(tl.float32) * y
-    tl.store(out_ptr + token.to(tl.int64) * n + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    routed = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded, as the reference's routed sum is
+    row = token.to(tl.int64) * n
+    g = tl.load(gate_ptr + token.to(tl.int64) * gate_row).to(tl.float32)
+    shared = tl.load(shared_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row + cols, (routed + shared / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def combine_pairs(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out[t] = Σ_j weights[t, j] · y[t·k + j]: y [tokens·k, hidden] (pairs in token order), weights [tokens, k].
-    Float32 inside, one rounding to y's dtype."""
+def combine_pairs(y: torch.Tensor, weights: torch.Tensor, shared_gate: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """out[t] = Σ_j weights[t, j] · y[t·k + j] + σ(shared_gate[t]) · shared[t], the MoE block's output in one launch:
+    y [tokens·k, hidden] (pairs in token order), weights [tokens, k], shared_gate [tokens, 1] (a row view will do),
+    shared [tokens, hidden]. Float32 inside; the routed sum is rounded to y's dtype before the shared expert joins,
+    as `reference.routed_experts` rounds it."""
     tokens, top_k = weights.shape
     n = y.shape[1]
+    shared = shared.contiguous()  # a no-op for the shared expert's output
     out = torch.empty(tokens, n, dtype=y.dtype, device=y.device)
     block = min(1024, triton.next_power_of_2(n))
-    _combine_kernel[(tokens, triton.cdiv(n, block))](y, weights.contiguous(), out, n, K=top_k, BLOCK=block)
+    _combine_kernel[(tokens, triton.cdiv(n, block))](y, weights.contiguous(), shared_gate, shared_gate.stride(0), shared, out, n,
+                                                     K=top_k, BLOCK=block)
     return out
 
 

@@ -24,6 +24,7 @@ class Proj:
 
     name: str
     blocks: tuple[Block, ...]
+    lora: bool = True  # whether adapters may target it
 
     @staticmethod
     def plain(name: str, size: int, unit: int = 1) -> Proj:
@@ -45,7 +46,7 @@ class ColumnLinear(LoRALinear, nn.Module):
     def parts(self) -> list[Part]:
         out, offset = [], 0
         for proj, n in zip(self.projs, self.local_sizes):
-            out.append(Part(f"{proj.name}.weight", self.weight, proj.blocks, 0, offset, module=proj.name, lora="module"))
+            out.append(Part(f"{proj.name}.weight", self.weight, proj.blocks, 0, offset, module=proj.name, lora="module" if proj.lora else None))
             offset += n
         return out
 
@@ -71,20 +72,4 @@ class RowLinear(LoRALinear, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The LoRA delta of a row-parallel layer is a partial sum too: it joins the same all-reduce.
-        return self.add_lora(x, F.linear(x, self.weight))
-
-
-class ReplicatedLinear(LoRALinear, nn.Module):
-    """A small linear kept whole on every rank (MoE router, shared-expert gate); `lora` if adapters may target it."""
-
-    def __init__(self, name: str, in_features: int, out_features: int, lora: bool):
-        super().__init__()
-        self.name = name
-        self.lora = lora
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-
-    def parts(self) -> list[Part]:
-        return [Part(f"{self.name}.weight", self.weight, module=self.name, lora="module" if self.lora else None)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_lora(x, F.linear(x, self.weight))

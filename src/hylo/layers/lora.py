@@ -40,15 +40,11 @@ def write_lora_part(part: Part, a_view: torch.Tensor, b_view: torch.Tensor, a_fu
     """Place this rank's share of one part's full A [r, in] and B [out, r] into a slot.
 
     a_view: [max_rank, in_local] for this part; b_view: [rows of part.target, max_rank]. A column-
-    parallel part (split on dim 0) keeps A whole and its own rows of B; a row-parallel part (dim 1)
-    keeps its own columns of A and B whole; a replicated part keeps both whole. `a_full` and `b_full`
+    parallel part (split on dim 0) keeps A whole and its own rows of B (all of them for rows kept whole on
+    every rank); a row-parallel part (dim 1) keeps its own columns of A and B whole. `a_full` and `b_full`
     are indexed first and `read` gives the values of what this rank keeps, so a rank reads its share only.
     """
     r = a_full.shape[0]
-    if not part.blocks:
-        a_view[:r] = read(a_full)
-        b_view[:, :r] = read(b_full)
-        return
     for _, full, local in part.pieces(rank, tp):
         if part.splits_output:
             b_view[local, :r] = read(b_full[full])
@@ -61,7 +57,7 @@ def write_lora_part(part: Part, a_view: torch.Tensor, b_view: torch.Tensor, a_fu
 
 
 class LoRALinear:
-    """LoRA for a 2D linear (column, row or replicated): y += (x·Aᵀ)·Bᵀ per token group, B pre-scaled."""
+    """LoRA for a 2D linear (column or row): y += (x·Aᵀ)·Bᵀ per token group, B pre-scaled."""
 
     weight: torch.Tensor
     lora_a: torch.Tensor | None = None  # [max_loras, parts, max_rank, in_local]

@@ -7,10 +7,9 @@ from torch import nn
 
 from hylo.distributed import TPGroup
 from hylo.kernels import Ops
-from hylo.layers.linear import ReplicatedLinear
+from hylo.layers.linear import ColumnLinear, Proj, RowLinear
 from hylo.layers.lora import LoRABatch
-from hylo.layers.mlp import MLP
-from hylo.layers.parts import Block, Part, check_parts
+from hylo.layers.parts import Block, Part, check_parts, whole
 
 
 class Experts(nn.Module):
@@ -74,9 +73,11 @@ class Experts(nn.Module):
             return a2[e, 0], b2[e]
         return a13[e, 0 if name == "gate_proj" else 1], b13[e]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, hidden]; weights, experts: [tokens, top_k]. Returns this rank's partial sum."""
-        return self.ops.routed_experts(self, x, weights, experts)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, shared_gate: torch.Tensor,
+                shared: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, hidden]; weights, experts: [tokens, top_k]; the shared expert's gate logit [tokens, 1] and
+        output [tokens, hidden], added as the routed sum is formed. Returns this rank's partial sum of the block."""
+        return self.ops.routed_experts(self, x, weights, experts, shared_gate, shared)
 
 
 class SparseMoE(nn.Module):
@@ -84,15 +85,29 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.ops = ops
         self.top_k = cfg.num_experts_per_tok
-        # PEFT cannot wrap the router (not an nn.Linear in the reference), so it takes no LoRA here either.
-        self.gate = ReplicatedLinear("gate", cfg.hidden_size, cfg.num_experts, lora=False)
+        shared = cfg.shared_expert_intermediate_size
+        # Everything but the routed experts that reads the block's input, as one GEMM: the router and the shared
+        # expert's gate (whole on every rank), the shared expert's gate and up projections (split). At batch 1 each
+        # launch costs more than the bytes it reads. PEFT cannot wrap the router (not an nn.Linear in the reference),
+        # so it takes no LoRA here either.
+        self.in_proj = ColumnLinear(
+            cfg.hidden_size,
+            [
+                Proj("gate", (whole("gate", cfg.num_experts),), lora=False),
+                Proj("shared_expert_gate", (whole("shared_expert_gate", 1),)),
+                Proj.plain("shared_expert.gate_proj", shared),
+                Proj.plain("shared_expert.up_proj", shared),
+            ],
+            tp,
+            owner,
+        )
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, tp, ops, owner)
-        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, tp, ops, owner)
-        self.shared_expert_gate = ReplicatedLinear("shared_expert_gate", cfg.hidden_size, 1, lora=True)
+        self.shared_expert_down = RowLinear(Proj.plain("shared_expert.down_proj", shared), cfg.hidden_size, tp, owner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, experts = self.ops.route(self.gate(x), self.top_k)
+        router_logits, shared_gate, shared_gate_proj, shared_up = self.in_proj(x)
+        weights, experts = self.ops.route(router_logits, self.top_k)
+        shared = self.shared_expert_down(self.ops.silu_mul(shared_gate_proj, shared_up))
         # Both terms are this rank's partial sums and the gate is the same on every rank, so the next norm's one
         # all-reduce sums the whole block.
-        routed = self.experts(x, weights, experts)
-        return self.ops.sigmoid_gated_add(routed, self.shared_expert_gate(x), self.shared_expert(x))
+        return self.experts(x, weights, experts, shared_gate, shared)

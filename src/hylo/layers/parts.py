@@ -67,6 +67,11 @@ def heads(name: str, num_heads: int, head_dim: int, replicable: bool = False) ->
     return Block(name, num_heads * head_dim, unit=head_dim, replicable=replicable)
 
 
+def whole(name: str, size: int) -> Block:
+    """Rows every rank keeps whole (the MoE router inside a fused column layer): one unit, copied to every rank."""
+    return Block(name, size, unit=size, replicable=True)
+
+
 @dataclass(frozen=True)
 class Part:
     """One checkpoint tensor (or a PEFT target) inside a layer's parameter.

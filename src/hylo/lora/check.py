@@ -43,8 +43,9 @@ def _describe(row: TensorReport, tp: int) -> list[str]:
     part = target.part
     matrix = "B" if row.key.endswith("lora_B.weight") else "A"
     lines = [f"{head}\n    → layer {target.layer_path}, part {part.module} ({part.lora})"]
-    # Column-parallel parts split B's rows like the base rows; row-parallel parts split A's columns.
-    if not part.blocks or (matrix == "B") != part.splits_output:
+    # Column-parallel parts split B's rows like the base rows; row-parallel parts split A's columns. Rows of a single
+    # replicated unit (the MoE's shared-expert gate) are whole on every rank.
+    if (matrix == "B") != part.splits_output or all(b.units == 1 and b.replicable for b in part.blocks):
         lines.append("    whole on every rank")
         return lines
     axis = "rows" if matrix == "B" else "columns"
