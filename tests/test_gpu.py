@@ -64,7 +64,7 @@ def test_cuda_lora_equals_cpu(kind, checkpoints, engines, adapters, monkeypatch)
 
 def test_cuda_graphs_survive_adapter_swaps_and_equal_eager(checkpoints, adapters):
     """One slot, three adapters in turn: each load rewrites the slot the captured graphs read. Graph replay and
-    eager decode run the same kernels, so their float32 logprobs agree to the LoRA shrink's atomic-sum order."""
+    eager decode run the same kernels (without atomics), so their float32 logprobs agree to rounding."""
     prompts = random_prompts([6, 11], seed=95)
     options = dict(progress=False, kv_cache_memory_bytes=CACHE, enable_lora=True, max_loras=1, max_lora_rank=9)
     graphs = LLM(checkpoints("dense"), device="cuda", dtype="float32", **options)
@@ -79,6 +79,11 @@ def test_cuda_graphs_survive_adapter_swaps_and_equal_eager(checkpoints, adapters
         for a, b in zip(got, same):
             for step_a, step_b in zip(a.logprobs, b.logprobs):
                 assert all(abs(step_a[t].logprob - step_b[t].logprob) < 1e-4 for t in step_a)
+    # Rows that all use the base model replay the graph captured without LoRA kernels; the loaded adapter stays.
+    assert (1, False) in graphs.llm_engine.executor.driver.graphs.graphs
+    base = [o.token_ids for o in run(graphs, prompts)]
+    assert base == [o.token_ids for o in run(eager, prompts)] == [o.token_ids for o in run(cpu, prompts)]
+    assert [o.token_ids for o in run(graphs, prompts, request)] == [o.token_ids for o in got] != base
 
 
 def test_demo_bfloat16_on_cuda_gives_the_cpu_float32_tokens():

@@ -100,10 +100,11 @@ class AdapterStore:
         elif not cuda:
             self.batch.groups = [(s, torch.where(token_slots == s)[0]) for s in used]
 
-    def use_static_slots(self, token_slots: torch.Tensor) -> None:
-        """A captured decode step: the slots live in the graph's input buffer, refilled before each replay."""
+    def use_static_slots(self, token_slots: torch.Tensor | None) -> None:
+        """A captured decode step: the slots live in the graph's input buffer, refilled before each replay (None: a
+        graph for steps that use no adapter, which launches no LoRA kernel)."""
         self.batch.token_slots = token_slots
-        self.batch.per_token = True
+        self.batch.per_token = token_slots is not None
         self.batch.sorted_rows = None
         self.batch.groups = []
 
