@@ -1,9 +1,8 @@
 """Multi-adapter LoRA for decode steps (BGMV-style, as in Punica and S-LoRA): each token reads its own slot's A and B.
 
 Two launches per layer whatever the number of adapters in the batch: the shrink computes x·Aᵀ for
-every part of a fused layer at once, in slices of the input that each write their own partial sums
-(no atomics, so its buffer needs no zeroing launch), and the expand adds up a part's partial sums
-and multiplies them by B into that part's output rows. Tokens with slot -1 (the base model) do no work. Slots are read from a device
+every part of a fused layer at once, the expand adds each part's rank slice times B into that
+part's output rows. Tokens with slot -1 (the base model) do no work. Slots are read from a device
 tensor, so the step can be captured in a CUDA graph; writing adapters into slots changes the data
 the graph reads, never its shape.
 """
@@ -19,24 +18,23 @@ SHRINK_COLUMNS = 256  # input columns per shrink program
 
 @triton.jit
 def _shrink_kernel(x_ptr, x_row, a_ptr, slots_ptr, s_ptr, in_features, parts,
-                   RANK: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr):
+                   RANK: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr):
     t = tl.program_id(0)
     p = tl.program_id(1)
-    split = tl.program_id(2)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot >= 0:
         r = tl.arange(0, RP)
-        cols = split * BK + tl.arange(0, BK)
+        cols = tl.program_id(2) * BK + tl.arange(0, BK)
         cm = cols < in_features
         x = tl.load(x_ptr + t * x_row + cols, mask=cm, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + ((slot * parts + p) * RANK + r[:, None]) * in_features + cols[None, :],
                     mask=(r[:, None] < RANK) & cm[None, :], other=0.0).to(tl.float32)
-        tl.store(s_ptr + ((t * parts + p) * SPLITS + split) * RANK + r, tl.sum(a * x[None, :], axis=1), mask=r < RANK)
+        tl.atomic_add(s_ptr + (t * parts + p) * RANK + r, tl.sum(a * x[None, :], axis=1), mask=r < RANK, sem="relaxed")
 
 
 @triton.jit
 def _expand_kernel(s_ptr, b_ptr, slots_ptr, row_part_ptr, y_ptr, y_row, out_features, parts,
-                   RANK: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr):
+                   RANK: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -45,10 +43,7 @@ def _expand_kernel(s_ptr, b_ptr, slots_ptr, row_part_ptr, y_ptr, y_row, out_feat
         valid = part >= 0
         r = tl.arange(0, RP)
         m = valid[:, None] & (r[None, :] < RANK)
-        partials = s_ptr + (t * parts + part[:, None]) * SPLITS * RANK + r[None, :]
-        s = tl.zeros((BN, RP), dtype=tl.float32)
-        for split in tl.static_range(SPLITS):
-            s += tl.load(partials + split * RANK, mask=m, other=0.0)
+        s = tl.load(s_ptr + (t * parts + part[:, None]) * RANK + r[None, :], mask=m, other=0.0)
         b = tl.load(b_ptr + (slot * out_features + rows[:, None]) * RANK + r[None, :], mask=m, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + t * y_row + rows, mask=valid, other=0.0)
         tl.store(y_ptr + t * y_row + rows, (y.to(tl.float32) + tl.sum(s * b, axis=1)).to(y.dtype), mask=valid)
@@ -60,16 +55,14 @@ def lora_bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     tokens, in_features = x.shape
     _, parts, rank, _ = a.shape
     out_features = y.shape[1]
-    # Many small programs per token and part, each a slice of the input: at batch 1 a single program per part would
-    # read its whole A alone, far below the memory bandwidth. Every slice of a token that uses an adapter writes its
-    # partial sums, so the buffer needs no zeroing (a base-model token's rows are never read).
-    splits = triton.cdiv(in_features, SHRINK_COLUMNS)
-    partials = torch.empty(tokens, parts, splits, rank, dtype=torch.float32, device=x.device)
+    # Many small programs per token and part, each a slice of the input, summed atomically: at batch 1 a
+    # single program per part would read its whole A alone, far below the memory bandwidth.
+    shrunk = torch.zeros(tokens, parts, rank, dtype=torch.float32, device=x.device)
     rp = triton.next_power_of_2(rank)
-    _shrink_kernel[(tokens, parts, splits)](
-        x, x.stride(0), a, token_slots, partials, in_features, parts, RANK=rank, RP=rp, BK=SHRINK_COLUMNS, SPLITS=splits
+    _shrink_kernel[(tokens, parts, triton.cdiv(in_features, SHRINK_COLUMNS))](
+        x, x.stride(0), a, token_slots, shrunk, in_features, parts, RANK=rank, RP=rp, BK=SHRINK_COLUMNS
     )
     block = 64
     _expand_kernel[(tokens, triton.cdiv(out_features, block))](
-        partials, b, token_slots, row_part, y, y.stride(0), out_features, parts, RANK=rank, RP=rp, BN=block, SPLITS=splits
+        shrunk, b, token_slots, row_part, y, y.stride(0), out_features, parts, RANK=rank, RP=rp, BN=block
     )
