@@ -321,8 +321,10 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
             for b in batches:
                 result["decode_step"][b]["sync_step_ms"] = decode_step_ms(llm, b, prompt_len)
             engine.async_scheduling = True
-        for step in result["decode_step"].values():
+        for b, step in result["decode_step"].items():
             step["host_ms"] = step["step_ms"] - step["graph_ms"] if step["graph_ms"] is not None else None
+            # What a row's generate() spends besides its decode steps, mostly this prefill (max_tokens=1: the whole call).
+            step["prefill_ms"] = decode_ms(llm, b, [], prompt_len, 1)
         base = {r["batch"]: r["ms_per_step"] for r in rows if r["adapters"] == 0}
         for r in rows:
             r["vs_base"] = r["ms_per_step"] / base[r["batch"]] if r["batch"] in base else None
@@ -438,7 +440,8 @@ def print_table(r: dict) -> None:
     for batch, step in r["decode_step"].items():
         graph = f", its captured GPU work {step['graph_ms']:.2f} ms, the host's part {step['host_ms']:.2f} ms" if step["graph_ms"] else ""
         sync = f"; with each step's tokens read back before the next: {step['sync_step_ms']:.2f} ms" if "sync_step_ms" in step else ""
-        print(f"decode step alone, batch {batch}: {step['step_ms']:.2f} ms{graph}{sync}")
+        print(f"decode step alone, batch {batch}: {step['step_ms']:.2f} ms{graph}{sync}; the batch's prompts prefilled "
+              f"(generate() with max_tokens=1): {step['prefill_ms']:.1f} ms")
     for row in r.get("cold", []):
         print(f"batch {row['batch']}, 4 adapters of which 3 cold (read from disk inside the timed call): {row['ms_per_step']:.2f} ms/step = {row['vs_warm']:.2f}× warm")
     if "adapter_swap" in r:
