@@ -21,7 +21,7 @@ def device_tensor(data, device: torch.device, dtype: torch.dtype = torch.long) -
     return values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values
 
 
-GDN_CHUNK = 64  # tokens per chunk of fla's chunked gated delta rule (its default)
+GDN_CHUNK = 64  # tokens per chunk of the chunked gated delta rule (fla-core's and the reference's)
 
 
 @dataclass

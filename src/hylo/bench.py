@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hylo.batch import GDN_CHUNK
+
 SHAPES = {
     "qwen3.5-9b": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {}),
     # Qwen3.5-27B's text model (its published config): the dense model people split over two GPUs.
@@ -38,7 +40,6 @@ SHAPES = {
         linear_key_head_dim=32, linear_value_head_dim=32)),
 }
 DECODE_STEPS = 32  # engine steps decode_step_ms times
-GDN_CHUNK = 64  # tokens per chunk of the chunked gated delta rule (fla-core's and the reference's)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "gate_proj", "up_proj", "down_proj"]
 
 

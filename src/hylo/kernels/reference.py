@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hylo.batch import Batch
+from hylo.batch import GDN_CHUNK, Batch
 
 
 def paged_attention(
@@ -153,7 +153,7 @@ def _recurrent_step(q, k, v, g, beta, state):
     return torch.einsum("nhk,nhkv->nhv", q, state), state
 
 
-def _chunked(q, k, v, g, beta, state, chunk: int = 64):
+def _chunked(q, k, v, g, beta, state, chunk: int = GDN_CHUNK):
     """One sequence, in chunks: within a chunk the delta-rule updates are solved as one triangular system.
 
     q, k: [L, H, dk]; v: [L, H, dv]; g, beta: [L, H]; state: [H, dk, dv]. Returns out [L, H, dv], state.
