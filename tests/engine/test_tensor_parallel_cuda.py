@@ -7,6 +7,7 @@ Only the first tensor-parallel engine of a process takes the one-shot all-reduce
 use NCCL throughout. To test the one-shot path in every case, run each test in a pytest process of its own
 (`-k dense-2`, `-k moe-2`, ...)."""
 
+import contextlib
 import faulthandler
 import os
 import signal
@@ -90,10 +91,15 @@ def test_tp2_async_scheduling_gives_the_tokens_of_the_synchronous_engine(checkpo
     assert outs[True] == outs[False]
 
 
-def test_a_killed_gpu_worker_raises_worker_died_within_30_s(checkpoints):
-    # On four H200s this hung (2026-11-26, NCCL doing the all-reduces): past 90 s every thread's stack is printed and
-    # the test process exits, so a run shows where the driver waits instead of using up the machine.
-    faulthandler.dump_traceback_later(90, exit=True)
+def test_a_killed_gpu_worker_raises_worker_died_within_30_s(checkpoints, request):
+    # On four H200s this hung (2026-11-26, NCCL doing the all-reduces), and on two after the other tests of this file
+    # (NCCL again: see the module's docstring): past 90 s every thread's stack is printed and the test process exits,
+    # so a run shows where the driver waits instead of using up the machine. The stacks go to the terminal: pytest's
+    # capture would lose them when the process exits.
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        terminal = os.dup(2)
+    faulthandler.dump_traceback_later(90, exit=True, file=terminal)
     llm = cuda_engine(checkpoints, "dense", 2)
     try:
         os.kill(llm.llm_engine.executor.procs[0].pid, signal.SIGKILL)
@@ -104,6 +110,7 @@ def test_a_killed_gpu_worker_raises_worker_died_within_30_s(checkpoints):
     finally:
         llm.shutdown()
         faulthandler.cancel_dump_traceback_later()
+        os.close(terminal)
 
 
 def test_shutdown_leaves_no_process_and_frees_both_gpus(checkpoints):
