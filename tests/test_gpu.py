@@ -80,10 +80,21 @@ def test_cuda_graphs_survive_adapter_swaps_and_equal_eager(checkpoints, adapters
             for step_a, step_b in zip(a.logprobs, b.logprobs):
                 assert all(abs(step_a[t].logprob - step_b[t].logprob) < 1e-4 for t in step_a)
     # Rows that all use the base model replay the graph captured without LoRA kernels; the loaded adapter stays.
-    assert (1, False) in graphs.llm_engine.executor.driver.graphs.graphs
+    decode_graphs, replayed = graphs.llm_engine.executor.driver.graphs, []
+    choose = decode_graphs._graph
+
+    def recording(size, lora_slots):
+        entry = choose(size, lora_slots)
+        replayed.append(next(key for key, value in decode_graphs.graphs.items() if value is entry))
+        return entry
+
+    decode_graphs._graph = recording
     base = [o.token_ids for o in run(graphs, prompts)]
+    assert replayed and all(not adapters for _, adapters in replayed)
     assert base == [o.token_ids for o in run(eager, prompts)] == [o.token_ids for o in run(cpu, prompts)]
+    replayed.clear()
     assert [o.token_ids for o in run(graphs, prompts, request)] == [o.token_ids for o in got] != base
+    assert replayed and all(adapters for _, adapters in replayed)
 
 
 def test_demo_bfloat16_on_cuda_gives_the_cpu_float32_tokens():

@@ -59,7 +59,7 @@ class Batch:
         index them. Made once per step from the host's lists: left to fla, every layer would build them on the host and
         copy them with a blocking copy, which waits for the GPU's queue (at TP>1, for the other ranks too)."""
         pairs = [(seq, chunk) for seq, n in enumerate(self.query_lens) for chunk in range(-(-n // GDN_CHUNK))]
-        return device_tensor(pairs, self.cu_seqlens.device)
+        return device_tensor(pairs, self.cu_seqlens.device).view(-1, 2)
 
 
 @dataclass

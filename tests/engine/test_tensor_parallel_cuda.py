@@ -100,15 +100,17 @@ def test_a_killed_gpu_worker_raises_worker_died_within_30_s(checkpoints, request
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         terminal = os.dup(2)
     faulthandler.dump_traceback_later(90, exit=True, file=terminal)
-    llm = cuda_engine(checkpoints, "dense", 2)
-    try:
-        os.kill(llm.llm_engine.executor.procs[0].pid, signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(WorkerDied):
-            llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
-        assert time.monotonic() - start < 30
+    try:  # the guard covers start-up and shutdown too, and never outlives this test
+        llm = cuda_engine(checkpoints, "dense", 2)
+        try:
+            os.kill(llm.llm_engine.executor.procs[0].pid, signal.SIGKILL)
+            start = time.monotonic()
+            with pytest.raises(WorkerDied):
+                llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
+            assert time.monotonic() - start < 30
+        finally:
+            llm.shutdown()
     finally:
-        llm.shutdown()
         faulthandler.cancel_dump_traceback_later()
         os.close(terminal)
 
