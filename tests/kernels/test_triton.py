@@ -107,6 +107,29 @@ def test_gdn_decode(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gdn_recurrent_prefill(dtype):
+    """Ragged sequences, fresh (from a zero state, whatever the slot holds) and continuing (from the slot's state), one
+    of a single token; two value heads per key head; q, k, v row views of the conv output, a and b of different strides."""
+    from hylo.kernels.triton_prefill import gdn_recurrent
+
+    torch.manual_seed(3)
+    lengths, contexts = [37, 1, 70, 5], [0, 5, 0, 12]
+    n, hk, hv, dk, dv = sum(lengths), 2, 4, 32, 64
+    batch = prefill_step(contexts, lengths).to_batch(DEV)
+    conv = rand(n, 2 * hk * dk + hv * dv, dtype=dtype)
+    q, k, v = conv[:, : hk * dk].view(n, hk, dk), conv[:, hk * dk : 2 * hk * dk].view(n, hk, dk), conv[:, 2 * hk * dk :].view(n, hv, dv)
+    ab = rand(n, 3 * hv, dtype=dtype)
+    a, b = ab[:, :hv], rand(n, hv, dtype=dtype)
+    a_log, dt_bias = rand(hv, dtype=dtype) * 0.5, rand(hv, dtype=dtype)
+    states = rand(8, hv, dk, dv) * 0.1
+    ref_states = states.clone()
+    got = gdn_recurrent(q, k, v, a, b, a_log, dt_bias, states, batch)
+    ref = reference.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, ref_states, batch)
+    close(got, ref, dtype)
+    close(states, ref_states, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norms(dtype):
     from hylo.kernels import triton_norms
 

@@ -18,6 +18,10 @@ from hylo.batch import GDN_CHUNK, Batch
 from hylo.kernels import reference
 
 HAS_FLA = importlib.util.find_spec("fla") is not None
+# Up to this many tokens in the step's longest sequence, GDN's prefill runs token by token in one launch: a small
+# prefill is bound by the host's launches (fla-core's chunked path takes about eight per layer, 1.0-1.3 ms of host time
+# on the GPU machine); its GPU time grows with the longest sequence. Not yet measured against fla-core's: a guess.
+RECURRENT_PREFILL_TOKENS = 128
 
 
 def paged_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
@@ -43,6 +47,10 @@ def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch: Batch) -> tor
         from hylo.kernels.triton_decode import gdn_decode
 
         return gdn_decode(q, k, v, a, b, a_log, dt_bias, states, batch)
+    if max(batch.query_lens) <= RECURRENT_PREFILL_TOKENS:
+        from hylo.kernels.triton_prefill import gdn_recurrent
+
+        return gdn_recurrent(q, k, v, a, b, a_log, dt_bias, states, batch)
     if not HAS_FLA:
         return reference.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
