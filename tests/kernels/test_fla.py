@@ -28,9 +28,11 @@ def inputs(lengths, contexts, dtype, hk=4, hv=8, d=64):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 3e-3), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("lengths, contexts", [([37, 1, 200, 64], [0, 5, 0, 12]), ([1, 1, 1], [3, 9, 40])], ids=["prefill", "decode"])
-def test_fla_equals_reference(lengths, contexts, dtype, tol):
-    from hylo.kernels.gpu import gated_delta_rule  # prefill: fla-core's chunked kernel; decode: hylo's Triton step
+def test_fla_equals_reference(lengths, contexts, dtype, tol, monkeypatch):
+    from hylo.kernels import gpu  # prefill: fla-core's chunked kernel (not the token-by-token one); decode: hylo's Triton step
 
+    monkeypatch.setattr(gpu, "RECURRENT_PREFILL_TOKENS", 0)
+    gated_delta_rule = gpu.gated_delta_rule
     torch.manual_seed(0)
     args, batch = inputs(lengths, contexts, dtype)
     states = torch.randn(16, 8, 64, 64, device="cuda") * 0.1

@@ -85,25 +85,40 @@ def test_conv_prefill(dtype):
     assert_conv_equals_reference(conv_prefill, prefill_step([0, 5, 2, 9, 0], lengths).to_batch(DEV), sum(lengths), dtype)
 
 
+def assert_gdn_equals_reference(kernel, step, dtype) -> None:
+    """q, k, v row views of the conv output (q's row stride made to differ), a a row view and b a tensor of its own
+    (their strides differ too), two value heads per key head; output and states against the torch reference."""
+    batch = step.to_batch(DEV)
+    n, hk, hv, dk, dv = len(step.input_ids), 2, 4, 32, 64
+    conv = rand(n, 2 * hk * dk + hv * dv, dtype=dtype)
+    q, k, v = conv[:, : hk * dk].view(n, hk, dk), conv[:, hk * dk : 2 * hk * dk].view(n, hk, dk), conv[:, 2 * hk * dk :].view(n, hv, dv)
+    a, b = rand(n, 3 * hv, dtype=dtype)[:, :hv], rand(n, hv, dtype=dtype)
+    q = q.contiguous()
+    a_log, dt_bias = rand(hv, dtype=dtype) * 0.5, rand(hv, dtype=dtype)
+    states = rand(8, hv, dk, dv) * 0.1
+    ref_states = states.clone()
+    got = kernel(q, k, v, a, b, a_log, dt_bias, states, batch)
+    ref = reference.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, ref_states, batch)
+    close(got, ref, dtype)
+    close(states, ref_states, dtype)  # bf16: the reference rounds beta to bf16, the kernels keep it in float32
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gdn_decode(dtype):
     from hylo.kernels.triton_decode import gdn_decode
 
     torch.manual_seed(2)
-    n, hk, hv, dk, dv = 3, 2, 4, 32, 64
-    batch = decode_step([3, 9, 40]).to_batch(DEV)
-    conv = rand(n, 2 * hk * dk + hv * dv, dtype=dtype)  # q, k, v are row views of the conv output
-    q, k, v = conv[:, : hk * dk].view(n, hk, dk), conv[:, hk * dk : 2 * hk * dk].view(n, hk, dk), conv[:, 2 * hk * dk :].view(n, hv, dv)
-    ab = rand(n, 3 * hv, dtype=dtype)
-    a, b = ab[:, :hv], rand(n, hv, dtype=dtype)  # one a row view, one tensor of its own: their strides differ
-    q = q.contiguous()  # and q's row stride differs from k's and v's
-    a_log, dt_bias = rand(hv, dtype=dtype) * 0.5, rand(hv, dtype=dtype)
-    states = rand(8, hv, dk, dv) * 0.1
-    ref_states = states.clone()
-    got = gdn_decode(q, k, v, a, b, a_log, dt_bias, states, batch)
-    ref = reference.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, ref_states, batch)
-    close(got, ref, dtype)
-    close(states, ref_states, dtype)  # bf16: the reference rounds beta to bf16, the kernel keeps it in float32
+    assert_gdn_equals_reference(gdn_decode, decode_step([3, 9, 40]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gdn_recurrent_prefill(dtype):
+    """Ragged sequences, fresh (from a zero state, whatever the slot holds) and continuing (from the slot's state), one
+    of a single token."""
+    from hylo.kernels.triton_prefill import gdn_recurrent
+
+    torch.manual_seed(3)
+    assert_gdn_equals_reference(gdn_recurrent, prefill_step([0, 5, 0, 12], [37, 1, 70, 5]), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

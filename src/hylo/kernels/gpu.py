@@ -18,6 +18,12 @@ from hylo.batch import GDN_CHUNK, Batch
 from hylo.kernels import reference
 
 HAS_FLA = importlib.util.find_spec("fla") is not None
+# Up to this many tokens in a step, GDN's prefill runs token by token in one launch: a small prefill is bound by the
+# host's launches (fla-core's chunked path takes about eight per layer, 1.0-1.3 ms of host time), and the recurrent
+# kernel's time grows with the tokens each of its programs walks. Whole generate(max_tokens=1), 9B shape, one H200,
+# recurrent / chunked: batch 1 × 16-512 tokens 0.40-0.58; 1,024 tokens in all (2 × 512 ... 16 × 64) 0.58-0.85;
+# 2,048 in all (4 × 512, 8 × 256, 16 × 128) 1.20-1.55. docs/benchmarks.md has the table.
+RECURRENT_PREFILL_TOKENS = 1024
 
 
 def paged_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
@@ -43,6 +49,10 @@ def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch: Batch) -> tor
         from hylo.kernels.triton_decode import gdn_decode
 
         return gdn_decode(q, k, v, a, b, a_log, dt_bias, states, batch)
+    if sum(batch.query_lens) <= RECURRENT_PREFILL_TOKENS:
+        from hylo.kernels.triton_prefill import gdn_recurrent
+
+        return gdn_recurrent(q, k, v, a, b, a_log, dt_bias, states, batch)
     if not HAS_FLA:
         return reference.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch)
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule

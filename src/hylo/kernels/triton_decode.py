@@ -49,6 +49,20 @@ def conv_decode(x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor
 
 
 @triton.jit
+def gdn_token(q, k, v, a, b, a_log, dt_bias, state, scale):
+    """One token of the gated delta rule on a float32 state tile [K, BV], gates computed here: q, k [K] and v [BV] as
+    stored, a and b this value head's projections, a_log and dt_bias its parameters. Returns (output [BV], state)."""
+    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
+    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+    a = a + dt_bias
+    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
+    state = state * tl.exp(-tl.exp(a_log) * softplus)
+    delta = tl.sigmoid(b) * (v - tl.sum(state * k[:, None], axis=0))
+    state = state + k[:, None] * delta[None, :]
+    return tl.sum(state * q[:, None], axis=0), state
+
+
+@triton.jit
 def _gdn_kernel(q_ptr, q_row, k_ptr, k_row, v_ptr, v_row, a_ptr, a_row, b_ptr, b_row, a_log_ptr, dt_bias_ptr, state_ptr, slots_ptr, out_ptr,
                 scale, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
     pid = tl.program_id(0)
@@ -56,21 +70,15 @@ def _gdn_kernel(q_ptr, q_row, k_ptr, k_row, v_ptr, v_row, a_ptr, a_row, b_ptr, b
     h = hv // (HV // H)  # each key head serves HV // H consecutive value heads
     ok = tl.arange(0, K)
     ov = tl.program_id(1) * BV + tl.arange(0, BV)
-    q = tl.load(q_ptr + n * q_row + h * K + ok).to(tl.float32)
-    k = tl.load(k_ptr + n * k_row + h * K + ok).to(tl.float32)
-    v = tl.load(v_ptr + n * v_row + hv * V + ov).to(tl.float32)
-    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
-    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-    a = tl.load(a_ptr + n * a_row + hv).to(tl.float32) + tl.load(dt_bias_ptr + hv).to(tl.float32)
-    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
-    decay = tl.exp(-tl.exp(tl.load(a_log_ptr + hv).to(tl.float32)) * softplus)
-    beta = tl.sigmoid(tl.load(b_ptr + n * b_row + hv).to(tl.float32))
     slot = tl.load(slots_ptr + n).to(tl.int64)
     p_state = state_ptr + ((slot * HV + hv) * K + ok[:, None]) * V + ov[None, :]
-    state = tl.load(p_state) * decay
-    delta = beta * (v - tl.sum(state * k[:, None], axis=0))
-    state = state + k[:, None] * delta[None, :]
-    tl.store(out_ptr + (n * HV + hv) * V + ov, tl.sum(state * q[:, None], axis=0).to(out_ptr.dtype.element_ty))
+    out, state = gdn_token(
+        tl.load(q_ptr + n * q_row + h * K + ok).to(tl.float32), tl.load(k_ptr + n * k_row + h * K + ok).to(tl.float32),
+        tl.load(v_ptr + n * v_row + hv * V + ov).to(tl.float32), tl.load(a_ptr + n * a_row + hv).to(tl.float32),
+        tl.load(b_ptr + n * b_row + hv).to(tl.float32), tl.load(a_log_ptr + hv).to(tl.float32), tl.load(dt_bias_ptr + hv).to(tl.float32),
+        tl.load(p_state), scale,
+    )
+    tl.store(out_ptr + (n * HV + hv) * V + ov, out.to(out_ptr.dtype.element_ty))
     tl.store(p_state, state)
 
 

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from hylo.batch import Batch
+from hylo.kernels.triton_decode import gdn_token
 
 
 @triton.jit
@@ -69,5 +70,55 @@ def conv_prefill(x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tenso
     )
     _conv_state_kernel[(seqs, triton.cdiv(channels, bc))](
         x, x.stride(0), conv_states, batch.cu_seqlens, batch.state_slots, has_past, channels, WIDTH=width, BC=bc,
+    )
+    return out
+
+
+@triton.jit
+def _gdn_recurrent_kernel(q_ptr, q_row, k_ptr, k_row, v_ptr, v_row, a_ptr, a_row, b_ptr, b_row, a_log_ptr, dt_bias_ptr, state_ptr,
+                          slots_ptr, starts_ptr, seq_lens_ptr, out_ptr, scale, max_len,
+                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    pid = tl.program_id(0)
+    n, hv = pid // HV, pid % HV
+    h = hv // (HV // H)  # each key head serves HV // H consecutive value heads
+    ok = tl.arange(0, K)
+    ov = tl.program_id(1) * BV + tl.arange(0, BV)
+    start = tl.load(starts_ptr + n)
+    length = tl.load(starts_ptr + n + 1) - start
+    continues = tl.load(seq_lens_ptr + n) > length  # tokens cached by earlier steps: go on from the slot's state
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    p_state = state_ptr + ((slot * HV + hv) * K + ok[:, None]) * V + ov[None, :]
+    state = tl.where(continues, tl.load(p_state), 0.0)
+    a_log = tl.load(a_log_ptr + hv).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + hv).to(tl.float32)
+    # A loop to the batch's longest sequence, each iteration masked past this one's end: a bound loaded from memory would
+    # serve as well compiled, but Triton's interpreter (the CPU tests) cannot loop to it.
+    for i in range(0, max_len):
+        live = ov * 0 + i < length  # [BV], all alike (a vector: Triton's interpreter takes no scalar mask)
+        t = (start + tl.minimum(i, length - 1)).to(tl.int64)  # past the end: the last token again, its result dropped
+        out, updated = gdn_token(
+            tl.load(q_ptr + t * q_row + h * K + ok).to(tl.float32), tl.load(k_ptr + t * k_row + h * K + ok).to(tl.float32),
+            tl.load(v_ptr + t * v_row + hv * V + ov).to(tl.float32), tl.load(a_ptr + t * a_row + hv).to(tl.float32),
+            tl.load(b_ptr + t * b_row + hv).to(tl.float32), a_log, dt_bias, state, scale,
+        )
+        state = tl.where(live[None, :], updated, state)
+        tl.store(out_ptr + (t * HV + hv) * V + ov, out.to(out_ptr.dtype.element_ty), mask=(ov < V) & live)
+    tl.store(p_state, state)
+
+
+def gdn_recurrent(q, k, v, a, b, a_log, dt_bias, states: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The gated delta rule token by token within each sequence, in one launch: q, k [tokens, H, K], v [tokens, HV, V],
+    a and b [tokens, HV] (each may be a row view of a wider tensor); each sequence starts from its slot's state if it
+    has cached tokens, else from zero, and leaves its last state there. Its time grows with the longest sequence (one
+    token after another), fla-core's chunked kernels' with the tokens; it costs the host one launch where they cost
+    about eight."""
+    tokens, key_heads, k_dim = q.shape
+    value_heads, v_dim = v.shape[1], v.shape[2]
+    out = torch.empty(tokens, value_heads, v_dim, dtype=v.dtype, device=v.device)
+    block_v = min(32, v_dim)
+    _gdn_recurrent_kernel[(batch.num_seqs * value_heads, triton.cdiv(v_dim, block_v))](
+        q, q.stride(0), k, k.stride(0), v, v.stride(0), a, a.stride(0), b, b.stride(0), a_log, dt_bias, states, batch.state_slots,
+        batch.cu_seqlens, batch.seq_lens, out, k_dim**-0.5, max(batch.query_lens),
+        H=key_heads, HV=value_heads, K=k_dim, V=v_dim, BV=block_v,
     )
     return out
