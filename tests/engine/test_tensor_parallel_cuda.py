@@ -93,9 +93,10 @@ def test_tp2_async_scheduling_gives_the_tokens_of_the_synchronous_engine(checkpo
 
 def test_a_killed_gpu_worker_raises_worker_died_within_30_s(checkpoints, request):
     # On four H200s this hung (2026-11-26, NCCL doing the all-reduces), and on two after the other tests of this file
-    # (NCCL again: see the module's docstring): past 90 s every thread's stack is printed and the test process exits,
-    # so a run shows where the driver waits instead of using up the machine. The stacks go to the terminal: pytest's
-    # capture would lose them when the process exits.
+    # (NCCL again: see the module's docstring): NCCL's abort waited for the driver's graphs, which had captured its
+    # all-reduces, to be destroyed (executor._leave_group). Past 90 s every thread's stack is printed and the test
+    # process exits, so a hang shows where the driver waits instead of using up the machine. The stacks go to the
+    # terminal: pytest's capture would lose them when the process exits.
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         terminal = os.dup(2)

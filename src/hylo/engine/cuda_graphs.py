@@ -103,6 +103,14 @@ class DecodeGraphs:
         end.synchronize()
         return start.elapsed_time(end) / replays
 
+    def destroy(self) -> None:
+        """Destroys every graph now, whoever still holds this object: a tensor-parallel group's NCCL communicator
+        cannot be aborted while a graph that captured its collectives exists. A step that replays one afterwards
+        fails (the engine is being given up)."""
+        graphs, self.graphs = self.graphs, {}
+        for graph, _, _ in graphs.values():
+            graph.reset()
+
     def fits(self, step: StepInput) -> bool:
         return (
             len(step.query_lens) <= self.sizes[-1]

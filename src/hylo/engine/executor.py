@@ -28,6 +28,7 @@ from hylo.config import ModelConfig
 from hylo.distributed import TPGroup, abort_one_shot_all_reduce, can_enable_one_shot_all_reduce, disable_one_shot_all_reduce
 from hylo.engine.cache import CachePlan
 from hylo.engine.config import EngineConfig
+from hylo.engine.cuda_graphs import DecodeGraphs
 from hylo.engine.step_channel import PIPE, SHARED_POLL_SECONDS, STEP, StepChannel
 from hylo.engine.worker import ModelWorker
 from hylo.engine.worker_watch import WorkerWatch
@@ -139,10 +140,14 @@ def _worker_main(conn, channel_name: str, config: EngineConfig, model_config: Mo
 _group_lock = threading.Lock()  # the driver's thread and its worker watch may both end the group
 
 
-def _leave_group() -> None:
+def _leave_group(graphs: DecodeGraphs | None = None) -> None:
     """Leave the process group without waiting on peers that may be gone or stuck in a collective: NCCL's
-    orderly teardown blocks until every rank takes part, so its communicators are aborted first."""
+    orderly teardown blocks until every rank takes part, so its communicators are aborted first. NCCL's abort also
+    waits until no CUDA graph that captured the group's collectives is left (a killed worker's test hung there on two
+    H200s: the driver's graphs, kept by `_keep_after_loss` or by a step on another thread), so `graphs` go first."""
     with _group_lock:
+        if graphs is not None:
+            graphs.destroy()
         if not dist.is_initialized():
             return
         if dist.get_backend() == "nccl":
@@ -324,7 +329,12 @@ class Executor:
             # abort from this thread while that one is inside an NCCL call hung both (two H200s, the LM head's
             # all-gather), so this thread aborts only if the driver's thread is still stuck after a grace period.
             if not self._leaving.wait(LEAVE_GRACE_SECONDS):
-                _leave_group()
+                _leave_group(self._graphs())
+
+    def _graphs(self) -> DecodeGraphs | None:
+        """The driver's decode graphs while it is still here (close() hands it over before leaving the group)."""
+        driver = self.__dict__.get("driver")
+        return driver.graphs if driver is not None else None
 
     def _died(self, rank: int, proc: mp.Process, what: str) -> None:
         proc.join(1)
@@ -356,4 +366,4 @@ class Executor:
             self.channel.close(unlink=True)
             self.channel = None
         if self.size > 1:
-            _leave_group()
+            _leave_group(self._graphs())
