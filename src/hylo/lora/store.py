@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 
 import torch
 from torch import nn
@@ -15,6 +17,8 @@ from hylo.lora.adapter import Adapter, lora_targets, read_adapter
 from hylo.lora.lazy import LazyTensor, all_finite
 from hylo.lora.peft_config import AdapterError
 from hylo.lora.request import LoRARequest
+
+log = logging.getLogger("hylo")
 
 
 class AdapterStore:
@@ -39,6 +43,7 @@ class AdapterStore:
         Reads run beside the decode steps, and each torch call gives up the GIL, which can take a switch interval to
         come back: several calls per slice made a read take a second, so the share is placed with a handful (one
         allocation, one copy, one check) whatever the number of slices."""
+        start = time.perf_counter()
         adapter: Adapter = read_adapter(request, self.model, self.model_config, self.max_rank)
         layers = dict.fromkeys(self.targets[name].layer for name in adapter.weights)
         image, buffers = _zeroed_image(layers, pinned=next(self.model.parameters()).is_cuda)
@@ -58,6 +63,8 @@ class AdapterStore:
                 if why := t.non_finite(t.values()):
                     raise AdapterError(f"adapter '{request.lora_name}' ({request.lora_path}) is refused:\n  {t.module}: {why}")
         self.images[request.lora_int_id] = image
+        if self.tp.rank == 0:  # a cold adapter's first request waits this long, beside the running ones
+            log.info("adapter %s read in %.0f ms", request.lora_name, 1e3 * (time.perf_counter() - start))
 
     def forget(self, lora_id: int) -> None:
         self.images.pop(lora_id, None)
