@@ -91,18 +91,18 @@ def _gdn_recurrent_kernel(q_ptr, q_row, k_ptr, k_row, v_ptr, v_row, a_ptr, a_row
     state = tl.where(continues, tl.load(p_state), 0.0)
     a_log = tl.load(a_log_ptr + hv).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + hv).to(tl.float32)
-    # A loop to the batch's longest sequence, each iteration masked past this one's end: a bound loaded from memory would
-    # serve as well compiled, but Triton's interpreter (the CPU tests) cannot loop to it.
+    # A loop to the batch's longest sequence that works only up to this one's end: a bound loaded from memory would
+    # serve as well compiled, but Triton's interpreter (the CPU tests) cannot loop to it. Skipped, not masked: a step
+    # that prefills one long chunk beside many decode rows would otherwise have every row's programs walk its length.
     for i in range(0, max_len):
-        live = ov * 0 + i < length  # [BV], all alike (a vector: Triton's interpreter takes no scalar mask)
-        t = (start + tl.minimum(i, length - 1)).to(tl.int64)  # past the end: the last token again, its result dropped
-        out, updated = gdn_token(
-            tl.load(q_ptr + t * q_row + h * K + ok).to(tl.float32), tl.load(k_ptr + t * k_row + h * K + ok).to(tl.float32),
-            tl.load(v_ptr + t * v_row + hv * V + ov).to(tl.float32), tl.load(a_ptr + t * a_row + hv).to(tl.float32),
-            tl.load(b_ptr + t * b_row + hv).to(tl.float32), a_log, dt_bias, state, scale,
-        )
-        state = tl.where(live[None, :], updated, state)
-        tl.store(out_ptr + (t * HV + hv) * V + ov, out.to(out_ptr.dtype.element_ty), mask=(ov < V) & live)
+        if i < length:
+            t = (start + i).to(tl.int64)
+            out, state = gdn_token(
+                tl.load(q_ptr + t * q_row + h * K + ok).to(tl.float32), tl.load(k_ptr + t * k_row + h * K + ok).to(tl.float32),
+                tl.load(v_ptr + t * v_row + hv * V + ov).to(tl.float32), tl.load(a_ptr + t * a_row + hv).to(tl.float32),
+                tl.load(b_ptr + t * b_row + hv).to(tl.float32), a_log, dt_bias, state, scale,
+            )
+            tl.store(out_ptr + (t * HV + hv) * V + ov, out.to(out_ptr.dtype.element_ty), mask=ov < V)
     tl.store(p_state, state)
 
 
