@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from hylo import LLM, LoRARequest, SamplingParams
 from hylo.engine.executor import WorkerDied
@@ -85,14 +86,30 @@ def test_sizes_that_do_not_split_are_refused_naming_the_dimension(checkpoints):
         tp_engine(checkpoints, "dense", 8)
 
 
+class GraphsLeftBehind:
+    """Stands in for the driver's decode graphs (the CPU has none). On GPUs NCCL's abort waits until every graph that
+    captured its collectives is destroyed, and an engine that lost a worker keeps its driver: the graphs must be
+    destroyed while the group still stands, before it is aborted."""
+
+    destroyed_in_group: bool | None = None
+
+    def fits(self, step) -> bool:
+        return False
+
+    def destroy(self) -> None:
+        self.destroyed_in_group = dist.is_initialized()
+
+
 def test_a_killed_worker_is_a_clear_error_not_a_hang(checkpoints):
     llm = tp_engine(checkpoints, "dense", 2)
     procs = llm.llm_engine.executor.procs
+    llm.llm_engine.executor.driver.graphs = graphs = GraphsLeftBehind()
     os.kill(procs[0].pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(WorkerDied, match="rank 1"):
         llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
     assert time.monotonic() - start < 30
+    assert graphs.destroyed_in_group is True
     with pytest.raises(WorkerDied):  # the engine stays failed rather than half-working
         llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
     assert not any(p.is_alive() for p in procs)
