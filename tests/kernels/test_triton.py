@@ -158,7 +158,8 @@ def test_lora_bgmv_equals_grouped_matmuls(dtype):
     ref = y.clone()
     groups = [(s, torch.where(token_slots == s)[0]) for s in (0, 1, 3)]
     reference.lora_delta(x.float(), ref_f := ref.float(), a.float(), b.float(), rows, groups)
-    lora_bgmv(x, y, a, b, row_part, token_slots)
+    shrunk = torch.zeros(7, parts * max_rank, device=DEV)
+    lora_bgmv(x, y, a, b, row_part, token_slots, shrunk)
     close(y, ref_f, dtype)
     assert torch.equal(y[1], ref[1]) and torch.equal(y[5], ref[5])  # base-model tokens untouched
 
@@ -176,6 +177,34 @@ def test_norm_rope(dtype):
     close(triton_norms.norm_rope(x, w, 1e-6, positions, inv_freq), reference.norm_rope(x, w, 1e-6, positions, inv_freq), dtype)
 
 
+def _experts_with_adapters(dtype, adapters: bool):
+    """Six experts, top-2, two adapters (ranks 8 and 3 of 8) in slots 0 and 2, seven tokens: those of both adapters
+    and of the base model; expert 2 chosen by none. Returns the layer, the slots and the block's inputs."""
+    from hylo.distributed import TPGroup
+    from hylo.kernels import select_ops
+    from hylo.layers.lora import LoRABatch
+    from hylo.layers.moe import Experts
+
+    torch.manual_seed(6)
+    with torch.device(DEV):
+        layer = Experts(6, 2, 64, 48, TPGroup(), select_ops(DEV), "")
+        layer.w13.data = rand(6, 96, 64, dtype=dtype) * 0.2
+        layer.w2.data = rand(6, 64, 48, dtype=dtype) * 0.2
+    if adapters:
+        layer.enable_lora(3, 8, LoRABatch(), 1)
+        for slot, rank in [(0, 8), (2, 3)]:
+            for t in (layer.lora_a13, layer.lora_a2):
+                t[slot, ..., :rank, :] = rand(*t[slot, ..., :rank, :].shape, dtype=dtype) * 0.2
+            for t in (layer.lora_b13, layer.lora_b2):
+                t[slot, ..., :rank] = rand(*t[slot, ..., :rank].shape, dtype=dtype) * 0.2
+    token_slots = torch.tensor([2, -1, 0, 2, 0, 0, 2], device=DEV)
+    x = rand(7, 64, dtype=dtype)
+    experts = torch.tensor([[1, 4], [4, 0], [5, 1], [1, 0], [3, 4], [4, 1], [0, 5]], device=DEV)
+    weights = torch.rand(7, 2, device=DEV).to(dtype)
+    shared_gate, shared = rand(7, 1, dtype=dtype) * 3, rand(7, 64, dtype=dtype)
+    return layer, token_slots, (x, weights, experts, shared_gate, shared)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", ["per pair", "grouped"])
 @pytest.mark.parametrize("step", ["decode", "prefill"])
@@ -184,44 +213,39 @@ def test_routed_experts(dtype, path, step, adapters):
     """Both GPU paths with expert LoRA (BGMV in a decode step, SGMV otherwise), and without, against the reference's
     loop over experts: tokens of two adapters and of the base model, an expert chosen by several tokens, an expert
     chosen by none, ranks below the maximum."""
-    from hylo.distributed import TPGroup
-    from hylo.kernels import select_ops
     from hylo.kernels.triton_grouped import sort_rows
     from hylo.kernels.triton_moe import routed_experts
-    from hylo.layers.lora import LoRABatch
-    from hylo.layers.moe import Experts
 
     if path == "grouped" or step == "prefill":
         skip_interpreted_bf16_dot(dtype)
-    torch.manual_seed(6)
-    with torch.device(DEV):
-        layer = Experts(6, 64, 48, TPGroup(), select_ops(DEV), "")
-        layer.w13.data = rand(6, 96, 64, dtype=dtype) * 0.2
-        layer.w2.data = rand(6, 64, 48, dtype=dtype) * 0.2
+    layer, token_slots, inputs = _experts_with_adapters(dtype, adapters == "mixed")
     lora = ("lora_a13", "lora_b13", "lora_a2", "lora_b2") if adapters == "mixed" else ()
     if lora:
-        layer.enable_lora(3, 8, LoRABatch(), 1)
-        for slot, rank in [(0, 8), (2, 3)]:
-            for t in (layer.lora_a13, layer.lora_a2):
-                t[slot, ..., :rank, :] = rand(*t[slot, ..., :rank, :].shape, dtype=dtype) * 0.2
-            for t in (layer.lora_b13, layer.lora_b2):
-                t[slot, ..., :rank] = rand(*t[slot, ..., :rank].shape, dtype=dtype) * 0.2
-        token_slots = torch.tensor([2, -1, 0, 2, 0, 0, 2], device=DEV)
-        layer.lora_batch.token_slots = token_slots
-        layer.lora_batch.per_token = step == "decode"
-        layer.lora_batch.sorted_rows = None if step == "decode" else sort_rows(token_slots, 3)
-    x = rand(7, 64, dtype=dtype)
-    experts = torch.tensor([[1, 4], [4, 0], [5, 1], [1, 0], [3, 4], [4, 1], [0, 5]], device=DEV)  # expert 2 idle
-    weights = torch.rand(7, 2, device=DEV).to(dtype)
-    shared_gate, shared = rand(7, 1, dtype=dtype) * 3, rand(7, 64, dtype=dtype)
-    got = routed_experts(layer, x, weights, experts, shared_gate, shared, gemv_pairs=100 if path == "per pair" else 0).float()
+        layer.lora_batch.start_step(token_slots, step == "decode", None if step == "decode" else sort_rows(token_slots, 3))
+    got = routed_experts(layer, *inputs, gemv_pairs=100 if path == "per pair" else 0).float()
     layer.w13.data, layer.w2.data = layer.w13.float(), layer.w2.float()  # the oracle in float32
     for name in lora:
         setattr(layer, name, getattr(layer, name).float())
+    x, weights, experts, shared_gate, shared = inputs
     ref = reference.routed_experts(layer, x.float(), weights.float(), experts, shared_gate.float(), shared.float())
     # torch's own bf16 forward is ~0.5% off here; the interpreter truncates to bf16 instead of rounding.
     bound = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if DEV.type == "cuda" else 3e-2}[dtype]
     assert ((got - ref).norm() / ref.norm()).item() < bound
+
+
+def test_bgmv_scratch_is_zeroed_by_each_decode_step_and_refused_past_what_layers_reserved():
+    """The BGMV shrink sums into the step's scratch, zeroed once per step for all layers: the same step twice gives the
+    same output, and a layer that runs twice within one step (more than it reserved) is refused, not summed into
+    another layer's sums."""
+    from hylo.kernels.triton_moe import routed_experts
+
+    layer, token_slots, inputs = _experts_with_adapters(torch.float32, adapters=True)
+    layer.lora_batch.start_step(token_slots, per_token=True)
+    first = routed_experts(layer, *inputs)
+    with pytest.raises(RuntimeError, match="more of a decode step's BGMV scratch than they reserved"):
+        routed_experts(layer, *inputs)
+    layer.lora_batch.start_step(token_slots, per_token=True)
+    assert torch.equal(routed_experts(layer, *inputs), first)
 
 
 MOE_SHAPES = [(10, 3), (256, 8)]  # (experts, top_k): the tiny test models', Qwen3.5-35B-A3B's

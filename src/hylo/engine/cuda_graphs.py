@@ -7,7 +7,7 @@ cache plan's spare block and slot. LoRA slots are a static input too, so loading
 adapter (which rewrites slot contents in place) never needs a new capture. With LoRA on, the small sizes
 have a second graph without the LoRA kernels, for steps whose rows all use the base model: a LoRA kernel
 that finds no adapter returns at once, but its launch still costs a microsecond or two, and a step launches
-three per linear (384 in a 9B step).
+two per linear (256 in a 9B step).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Two launches per layer whatever the number of adapters in the batch: the shrink 
 every part of a fused layer at once, the expand adds each part's rank slice times B into that
 part's output rows. Tokens with slot -1 (the base model) do no work. Slots are read from a device
 tensor, so the step can be captured in a CUDA graph; writing adapters into slots changes the data
-the graph reads, never its shape.
+the graph reads, never its shape. The shrink sums into a scratch that the step zeroed once for every
+layer (`LoRABatch.take_shrunk`). A MoE's (token, expert) pairs find their group (slot and expert) in the
+kernels too, so expert LoRA launches nothing more.
 """
 
 from __future__ import annotations
@@ -17,26 +19,35 @@ SHRINK_COLUMNS = 256  # input columns per shrink program
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, x_row, a_ptr, slots_ptr, s_ptr, in_features, parts,
-                   RANK: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr):
+def _group(slots_ptr, slot_div, experts_ptr, n_experts, t, EXPERTS: tl.constexpr):
+    """Row t's slot, or its slot's group for its expert (MoE: group s·E + e); -1: no adapter."""
+    slot = tl.load(slots_ptr + t // slot_div).to(tl.int64)
+    if EXPERTS:
+        slot = tl.where(slot >= 0, slot * n_experts + tl.load(experts_ptr + t).to(tl.int64), -1)
+    return slot
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, x_row, x_div, a_ptr, slots_ptr, slot_div, experts_ptr, n_experts, s_ptr, in_features, parts,
+                   RANK: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, EXPERTS: tl.constexpr):
     t = tl.program_id(0)
     p = tl.program_id(1)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
+    slot = _group(slots_ptr, slot_div, experts_ptr, n_experts, t, EXPERTS)
     if slot >= 0:
         r = tl.arange(0, RP)
         cols = tl.program_id(2) * BK + tl.arange(0, BK)
         cm = cols < in_features
-        x = tl.load(x_ptr + t * x_row + cols, mask=cm, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + (t // x_div) * x_row + cols, mask=cm, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + ((slot * parts + p) * RANK + r[:, None]) * in_features + cols[None, :],
                     mask=(r[:, None] < RANK) & cm[None, :], other=0.0).to(tl.float32)
         tl.atomic_add(s_ptr + (t * parts + p) * RANK + r, tl.sum(a * x[None, :], axis=1), mask=r < RANK, sem="relaxed")
 
 
 @triton.jit
-def _expand_kernel(s_ptr, b_ptr, slots_ptr, row_part_ptr, y_ptr, y_row, out_features, parts,
-                   RANK: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr):
+def _expand_kernel(s_ptr, b_ptr, slots_ptr, slot_div, experts_ptr, n_experts, row_part_ptr, y_ptr, y_row, out_features, parts,
+                   RANK: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, EXPERTS: tl.constexpr):
     t = tl.program_id(0)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
+    slot = _group(slots_ptr, slot_div, experts_ptr, n_experts, t, EXPERTS)
     if slot >= 0:
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
         part = tl.load(row_part_ptr + rows, mask=rows < out_features, other=-1)
@@ -49,20 +60,25 @@ def _expand_kernel(s_ptr, b_ptr, slots_ptr, row_part_ptr, y_ptr, y_row, out_feat
         tl.store(y_ptr + t * y_row + rows, (y.to(tl.float32) + tl.sum(s * b, axis=1)).to(y.dtype), mask=valid)
 
 
-def lora_bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_part: torch.Tensor, token_slots: torch.Tensor) -> None:
-    """y[t] += B[slot]·(A[slot]·x[t]) per part, in place. x [tokens, in]; y [tokens, out]; a [slots, parts, rank, in];
-    b [slots, out, rank] (scaling folded in); row_part [out]: the part each output row belongs to (-1: none)."""
-    tokens, in_features = x.shape
+def lora_bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_part: torch.Tensor, token_slots: torch.Tensor,
+              shrunk: torch.Tensor, experts: torch.Tensor | None = None, n_experts: int = 0) -> None:
+    """y[t] += B[g]·(A[g]·x[t]) per part, in place, g = row t's slot. x [tokens, in]; y [tokens, out]; a [groups, parts,
+    rank, in]; b [groups, out, rank] (scaling folded in); row_part [out]: the part each output row belongs to (-1:
+    none); shrunk: zeros, float32, [tokens, parts·rank] (left holding x·Aᵀ). MoE: y's rows are (token, expert) pairs,
+    `experts` [pairs] their experts, g = slot·n_experts + expert with the pair's token's slot; x has a row per pair or
+    per token."""
+    rows, out_features = y.shape
+    in_features = x.shape[1]
     _, parts, rank, _ = a.shape
-    out_features = y.shape[1]
+    slot_div, x_div = rows // token_slots.numel(), rows // x.shape[0]
     # Many small programs per token and part, each a slice of the input, summed atomically: at batch 1 a
     # single program per part would read its whole A alone, far below the memory bandwidth.
-    shrunk = torch.zeros(tokens, parts, rank, dtype=torch.float32, device=x.device)
     rp = triton.next_power_of_2(rank)
-    _shrink_kernel[(tokens, parts, triton.cdiv(in_features, SHRINK_COLUMNS))](
-        x, x.stride(0), a, token_slots, shrunk, in_features, parts, RANK=rank, RP=rp, BK=SHRINK_COLUMNS
+    group = (token_slots, slot_div, token_slots if experts is None else experts, n_experts)
+    _shrink_kernel[(rows, parts, triton.cdiv(in_features, SHRINK_COLUMNS))](
+        x, x.stride(0), x_div, a, *group, shrunk, in_features, parts, RANK=rank, RP=rp, BK=SHRINK_COLUMNS, EXPERTS=experts is not None
     )
     block = 64
-    _expand_kernel[(tokens, triton.cdiv(out_features, block))](
-        shrunk, b, token_slots, row_part, y, y.stride(0), out_features, parts, RANK=rank, RP=rp, BN=block
+    _expand_kernel[(rows, triton.cdiv(out_features, block))](
+        shrunk, b, *group, row_part, y, y.stride(0), out_features, parts, RANK=rank, RP=rp, BN=block, EXPERTS=experts is not None
     )

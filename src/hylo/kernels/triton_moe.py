@@ -106,21 +106,24 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
 
 
 class _ExpertLoRA:
-    """Each pair's adapter on each pair's expert: a decode step reads the groups per pair (BGMV); a larger step sorts
-    the pairs by group once for the layer (SGMV)."""
+    """Each pair's adapter on each pair's expert: a decode step finds each pair's group in the kernels (BGMV); a larger
+    step sorts the pairs by group once for the layer (SGMV)."""
 
     def __init__(self, layer, experts: torch.Tensor, top_k: int):
-        lora = layer.lora_batch
-        slots = lora.token_slots.repeat_interleave(top_k)
-        self.groups = torch.where(slots >= 0, slots * layer.num_experts + experts, -1)
-        self.sorted = None if lora.per_token else sort_rows(self.groups, layer.lora_a13.shape[0] * layer.num_experts)
+        self.batch, self.experts, self.n_experts = layer.lora_batch, experts, layer.num_experts
+        self.sorted = None
+        if not self.batch.per_token:
+            slots = self.batch.token_slots.repeat_interleave(top_k)
+            groups = torch.where(slots >= 0, slots * layer.num_experts + experts, -1)
+            self.sorted = sort_rows(groups, layer.lora_a13.shape[0] * layer.num_experts)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_part: torch.Tensor, x_div: int) -> None:
         a, b = a.flatten(0, 1), b.flatten(0, 1)
         if self.sorted is not None:
             lora_sgmv(x, y, a, b, row_part, self.sorted, x_div)
         else:
-            lora_bgmv(x.repeat_interleave(x_div, dim=0), y, a, b, row_part, self.groups)
+            shrunk = self.batch.take_shrunk(y.shape[0], a.shape[1] * a.shape[2])
+            lora_bgmv(x, y, a, b, row_part, self.batch.token_slots, shrunk, self.experts, self.n_experts)
 
 
 @triton.jit

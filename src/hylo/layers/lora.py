@@ -28,11 +28,44 @@ class LoRABatch:
     per_token: bool = False  # decode on CUDA: one BGMV launch pair reads `token_slots` (graph-safe)
     sorted_rows: SortedRows | None = None  # other CUDA steps: tokens sorted by slot, for the SGMV kernel
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # on the CPU: (slot, its token indices)
+    # The BGMV shrink's sums, float32: per token, a region for each LoRA layer of the step, zeroed once per step.
+    # A launch to zero each call's own would cost more than its kernels' reads (~128 LoRA linears in a 9B step).
+    shrunk_width: int = 0  # floats per token, reserved by the layers as LoRA is enabled
+    shrunk: torch.Tensor | None = None
+    shrunk_used: int = 0
+    replaced: list[torch.Tensor] = field(default_factory=list)  # earlier scratches, still read by captured graphs
 
     @property
     def active(self) -> bool:
         """Whether a layer has LoRA work this step (a decode step's kernels skip base-model tokens themselves)."""
         return self.per_token or self.sorted_rows is not None or bool(self.groups)
+
+    def reserve_shrunk(self, floats_per_token: int) -> None:
+        """A layer's share of each decode step's scratch: what its calls in one step take per token."""
+        self.shrunk_width += floats_per_token
+
+    def start_step(self, token_slots: torch.Tensor | None, per_token: bool = False, sorted_rows: SortedRows | None = None,
+                   groups: list[tuple[int, torch.Tensor]] | None = None) -> None:
+        """The step's slots, and how its layers read them. A per-token step zeroes the scratch here, one launch for all
+        layers (inside a captured step, so that each replay zeroes it too)."""
+        self.token_slots, self.per_token, self.sorted_rows, self.groups = token_slots, per_token, sorted_rows, groups or []
+        if not per_token:
+            return
+        size = token_slots.numel() * self.shrunk_width
+        if self.shrunk is None or self.shrunk.numel() < size:
+            if self.shrunk is not None:
+                self.replaced.append(self.shrunk)
+            self.shrunk = torch.empty(size, dtype=torch.float32, device=token_slots.device)
+        self.shrunk[:size].zero_()
+        self.shrunk_used = 0
+
+    def take_shrunk(self, rows: int, width: int) -> torch.Tensor:
+        """The next zeroed [rows, width] of this step's scratch, for one BGMV call."""
+        start, self.shrunk_used = self.shrunk_used, self.shrunk_used + rows * width
+        if self.shrunk_used > self.token_slots.numel() * self.shrunk_width:
+            raise RuntimeError("the LoRA layers took more of a decode step's BGMV scratch than they reserved "
+                               "(a layer ran more often per step than its reserve_shrunk says)")
+        return self.shrunk[start : self.shrunk_used].view(rows, width)
 
 
 def write_lora_part(part: Part, a_view: torch.Tensor, b_view: torch.Tensor, a_full, b_full, rank: int, tp: int,
@@ -71,6 +104,7 @@ class LoRALinear:
         parts = self.lora_parts()
         out_local, in_local = self.weight.shape
         self.lora_batch = batch
+        batch.reserve_shrunk(len(parts) * max_rank)
         self.lora_a = torch.zeros(max_loras, len(parts), max_rank, in_local, dtype=self.weight.dtype, device=self.weight.device)
         self.lora_b = torch.zeros(max_loras, out_local, max_rank, dtype=self.weight.dtype, device=self.weight.device)
         self.lora_rows = [
@@ -97,7 +131,8 @@ class LoRALinear:
         if self.lora_batch.per_token:
             from hylo.kernels.triton_lora import lora_bgmv
 
-            lora_bgmv(x, y, self.lora_a, self.lora_b, self.lora_row_part, self.lora_batch.token_slots)
+            shrunk = self.lora_batch.take_shrunk(x.shape[0], self.lora_a.shape[1] * self.lora_a.shape[2])
+            lora_bgmv(x, y, self.lora_a, self.lora_b, self.lora_row_part, self.lora_batch.token_slots, shrunk)
         elif self.lora_batch.sorted_rows is not None:
             from hylo.kernels.triton_grouped import lora_sgmv
 

@@ -20,9 +20,9 @@ class Experts(nn.Module):
     loader requires that every expert be filled exactly once, whichever form the checkpoint has.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, tp: TPGroup, ops: Ops, owner: str):
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, tp: TPGroup, ops: Ops, owner: str):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.top_k = num_experts, top_k
         self.ops = ops
         self.gate = Block("gate_proj", intermediate)
         self.up = Block("up_proj", intermediate)
@@ -55,6 +55,7 @@ class Experts(nn.Module):
         e, hidden, local = self.num_experts, self.w13.shape[2], self.local
         zeros = lambda *shape: torch.zeros(max_loras, e, *shape, dtype=self.w13.dtype, device=self.w13.device)  # noqa: E731
         self.lora_batch = batch
+        batch.reserve_shrunk(self.top_k * 3 * max_rank)  # per token: its pairs' gate and up, then their down_proj
         self.lora_a13, self.lora_b13 = zeros(2, max_rank, hidden), zeros(2 * local, max_rank)
         self.lora_a2, self.lora_b2 = zeros(1, max_rank, local), zeros(hidden, max_rank)
         # The BGMV kernel's row → part maps: gate rows, then up rows; down_proj is one part.
@@ -101,7 +102,7 @@ class SparseMoE(nn.Module):
             tp,
             owner,
         )
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, tp, ops, owner)
+        self.experts = Experts(cfg.num_experts, self.top_k, cfg.hidden_size, cfg.moe_intermediate_size, tp, ops, owner)
         self.shared_expert_down = RowLinear(Proj.plain("shared_expert.down_proj", shared), cfg.hidden_size, tp, owner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

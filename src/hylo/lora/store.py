@@ -95,25 +95,21 @@ class AdapterStore:
             device_tensor(query_lens, device), output_size=sum(query_lens))  # a known size: no wait for the GPU
         used = sorted(set(lora_slots) - {-1})
         cuda = device.type == "cuda"
-        self.batch.token_slots = token_slots
-        self.batch.per_token = cuda and all(n == 1 for n in query_lens)
-        self.batch.sorted_rows = None
-        self.batch.groups = []
-        if cuda and not self.batch.per_token and used:
+        per_token = cuda and all(n == 1 for n in query_lens)
+        sorted_rows, groups = None, []
+        if cuda and not per_token and used:
             from hylo.kernels.triton_grouped import sort_rows
 
             # Small row blocks: the shrink's output is a few columns wide, so its row blocks are all its parallelism.
-            self.batch.sorted_rows = sort_rows(token_slots, self.max_loras, block=16)
+            sorted_rows = sort_rows(token_slots, self.max_loras, block=16)
         elif not cuda:
-            self.batch.groups = [(s, torch.where(token_slots == s)[0]) for s in used]
+            groups = [(s, torch.where(token_slots == s)[0]) for s in used]
+        self.batch.start_step(token_slots, per_token, sorted_rows, groups)
 
     def use_static_slots(self, token_slots: torch.Tensor | None) -> None:
         """A captured decode step: the slots live in the graph's input buffer, refilled before each replay (None: a
         graph for steps that use no adapter, which launches no LoRA kernel)."""
-        self.batch.token_slots = token_slots
-        self.batch.per_token = token_slots is not None
-        self.batch.sorted_rows = None
-        self.batch.groups = []
+        self.batch.start_step(token_slots, per_token=token_slots is not None)
 
 
 class _Deferred:
