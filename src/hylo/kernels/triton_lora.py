@@ -64,7 +64,7 @@ def lora_bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
               shrunk: torch.Tensor, experts: torch.Tensor | None = None, n_experts: int = 0) -> None:
     """y[t] += B[g]·(A[g]·x[t]) per part, in place, g = row t's slot. x [tokens, in]; y [tokens, out]; a [groups, parts,
     rank, in]; b [groups, out, rank] (scaling folded in); row_part [out]: the part each output row belongs to (-1:
-    none); shrunk: zeros, float32, [tokens, parts·rank] (left holding x·Aᵀ). MoE: y's rows are (token, expert) pairs,
+    none); shrunk: zeros, float32, [rows of y, parts·rank] (left holding x·Aᵀ). MoE: y's rows are (token, expert) pairs,
     `experts` [pairs] their experts, g = slot·n_experts + expert with the pair's token's slot; x has a row per pair or
     per token."""
     rows, out_features = y.shape
