@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from hylo import LLM, LoRARequest, SamplingParams
@@ -112,6 +113,24 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang(checkpoints):
     assert graphs.destroyed_in_group is True
     with pytest.raises(WorkerDied):  # the engine stays failed rather than half-working
         llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_an_engine_shut_down_after_losing_a_worker_destroys_the_graphs_it_keeps_before_leaving_the_group(checkpoints):
+    """Shut down after the watch found a worker gone, before any step noticed: on a GPU the engine keeps its driver
+    (`_keep_after_loss`), and the graphs that driver holds must still be destroyed before NCCL's abort."""
+    llm = tp_engine(checkpoints, "dense", 2)
+    executor = llm.llm_engine.executor
+    procs = list(executor.procs)
+    executor.driver.graphs = graphs = GraphsLeftBehind()
+    os.kill(procs[0].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while executor.lost is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert executor.lost is not None
+    executor.device = torch.device("cuda")  # what close() does after a loss on a GPU (the watch has seen a CPU engine)
+    llm.llm_engine.shutdown()
+    assert graphs.destroyed_in_group is True
     assert not any(p.is_alive() for p in procs)
 
 

@@ -300,13 +300,14 @@ class Executor:
         """Stop the workers and free this process's share too (model, caches, graphs), so that another engine
         can start in the same process; after a worker's death on a GPU, free nothing there (`_keep_after_loss`)."""
         self.dead = self.dead or "the engine has been shut down; start a new one"
+        if self.lost and self.device.type == "cuda":
+            # Left with the driver still here: its graphs are destroyed before NCCL's abort, which waits for them.
+            self.shutdown()
+            _keep_after_loss.append((self.__dict__.pop("driver", None), disable_one_shot_all_reduce()))
+            return
         # The model, caches and graphs go first: captured collectives and symmetric memory belong to the group.
         driver = self.__dict__.pop("driver", None)
         one_shot = disable_one_shot_all_reduce()
-        if self.lost and self.device.type == "cuda":
-            _keep_after_loss.append((driver, one_shot))
-            self.shutdown()
-            return
         del driver, one_shot
         gc.collect()  # the model's modules refer to each other (shared LoRA batch, tied weights)
         self.shutdown()
@@ -332,7 +333,8 @@ class Executor:
                 _leave_group(self._graphs())
 
     def _graphs(self) -> DecodeGraphs | None:
-        """The driver's decode graphs while it is still here (close() hands it over before leaving the group)."""
+        """The driver's decode graphs while it is still here (close() frees it before leaving the group unless a
+        worker was lost on a GPU)."""
         driver = self.__dict__.get("driver")
         return driver.graphs if driver is not None else None
 
