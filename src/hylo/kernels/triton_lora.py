@@ -67,18 +67,37 @@ def lora_bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     none); shrunk: zeros, float32, [rows of y, parts·rank] (left holding x·Aᵀ). MoE: y's rows are (token, expert) pairs,
     `experts` [pairs] their experts, g = slot·n_experts + expert with the pair's token's slot; x has a row per pair or
     per token."""
-    rows, out_features = y.shape
-    in_features = x.shape[1]
+    lora_shrink(x, a, token_slots, shrunk, experts, n_experts)
+    lora_expand(shrunk, y, b, row_part, token_slots, experts, n_experts)
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor, shrunk: torch.Tensor, experts: torch.Tensor | None = None,
+                n_experts: int = 0) -> None:
+    """shrunk[t] += A[g]·x[t] per part (`lora_bgmv`'s first half): it reads x and A only, so it may run beside the
+    base GEMM."""
+    rows, in_features = shrunk.shape[0], x.shape[1]
     _, parts, rank, _ = a.shape
-    slot_div, x_div = rows // token_slots.numel(), rows // x.shape[0]
     # Many small programs per token and part, each a slice of the input, summed atomically: at batch 1 a
     # single program per part would read its whole A alone, far below the memory bandwidth.
-    rp = triton.next_power_of_2(rank)
-    group = (token_slots, slot_div, token_slots if experts is None else experts, n_experts)
     _shrink_kernel[(rows, parts, triton.cdiv(in_features, SHRINK_COLUMNS))](
-        x, x.stride(0), x_div, a, *group, shrunk, in_features, parts, RANK=rank, RP=rp, BK=SHRINK_COLUMNS, EXPERTS=experts is not None
+        x, x.stride(0), rows // x.shape[0], a, *_group_args(rows, token_slots, experts, n_experts), shrunk, in_features, parts,
+        RANK=rank, RP=triton.next_power_of_2(rank), BK=SHRINK_COLUMNS, EXPERTS=experts is not None
     )
+
+
+def lora_expand(shrunk: torch.Tensor, y: torch.Tensor, b: torch.Tensor, row_part: torch.Tensor, token_slots: torch.Tensor,
+                experts: torch.Tensor | None = None, n_experts: int = 0) -> None:
+    """y[t] += B[g]·shrunk[t] per part (`lora_bgmv`'s second half)."""
+    rows, out_features = y.shape
+    rank = b.shape[2]
+    parts = shrunk.shape[1] // rank
     block = 64
     _expand_kernel[(rows, triton.cdiv(out_features, block))](
-        shrunk, b, *group, row_part, y, y.stride(0), out_features, parts, RANK=rank, RP=rp, BN=block, EXPERTS=experts is not None
+        shrunk, b, *_group_args(rows, token_slots, experts, n_experts), row_part, y, y.stride(0), out_features, parts, RANK=rank,
+        RP=triton.next_power_of_2(rank), BN=block, EXPERTS=experts is not None
     )
+
+
+def _group_args(rows: int, token_slots: torch.Tensor, experts: torch.Tensor | None, n_experts: int) -> tuple:
+    """The kernels' (slots, rows per slot, experts, number of experts) for `_group`."""
+    return token_slots, rows // token_slots.numel(), token_slots if experts is None else experts, n_experts

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hylo.distributed import TPGroup
@@ -51,7 +50,7 @@ class ColumnLinear(LoRALinear, nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.add_lora(x, F.linear(x, self.weight)).split(self.local_sizes, dim=-1))
+        return list(self.lora_linear(x).split(self.local_sizes, dim=-1))
 
 
 class RowLinear(LoRALinear, nn.Module):
@@ -72,4 +71,4 @@ class RowLinear(LoRALinear, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The LoRA delta of a row-parallel layer is a partial sum too: it joins the same all-reduce.
-        return self.add_lora(x, F.linear(x, self.weight))
+        return self.lora_linear(x)

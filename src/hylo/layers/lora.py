@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from hylo.layers.parts import Part
 
@@ -34,6 +35,7 @@ class LoRABatch:
     shrunk: torch.Tensor | None = None
     shrunk_used: int = 0
     replaced: list[torch.Tensor] = field(default_factory=list)  # earlier scratches, still read by captured graphs
+    side: torch.cuda.Stream | None = None  # where a decode step's shrinks run, beside the base GEMMs
 
     @property
     def active(self) -> bool:
@@ -58,6 +60,11 @@ class LoRABatch:
             self.shrunk = torch.empty(size, dtype=torch.float32, device=token_slots.device)
         self.shrunk[:size].zero_()
         self.shrunk_used = 0
+
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self.side is None:
+            self.side = torch.cuda.Stream(device)
+        return self.side
 
     def take_shrunk(self, rows: int, width: int) -> torch.Tensor:
         """The next zeroed [rows, width] of this step's scratch, for one BGMV call."""
@@ -124,21 +131,31 @@ class LoRALinear:
         index = [p.key for p in self.lora_parts()].index(part.key)
         return tensors[0][index], tensors[1]
 
-    def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y: the base output [tokens, out_local] (before any all-reduce); adds each token's adapter delta."""
-        if self.lora_a is None:
+    def lora_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ [tokens, out_local] (before any all-reduce), plus each token's adapter delta."""
+        batch = self.lora_batch if self.lora_a is not None else None
+        if batch is None or not batch.per_token:
+            y = F.linear(x, self.weight)
+            if batch is not None and batch.sorted_rows is not None:
+                from hylo.kernels.triton_grouped import lora_sgmv
+
+                lora_sgmv(x, y, self.lora_a, self.lora_b, self.lora_row_part, batch.sorted_rows)
+            elif batch is not None and batch.groups:
+                from hylo.kernels.reference import lora_delta
+
+                lora_delta(x, y, self.lora_a, self.lora_b, self.lora_rows, batch.groups)
             return y
-        if self.lora_batch.per_token:
-            from hylo.kernels.triton_lora import lora_bgmv
+        from hylo.kernels.triton_lora import lora_expand, lora_shrink
 
-            shrunk = self.lora_batch.take_shrunk(x.shape[0], self.lora_a.shape[1] * self.lora_a.shape[2])
-            lora_bgmv(x, y, self.lora_a, self.lora_b, self.lora_row_part, self.lora_batch.token_slots, shrunk)
-        elif self.lora_batch.sorted_rows is not None:
-            from hylo.kernels.triton_grouped import lora_sgmv
-
-            lora_sgmv(x, y, self.lora_a, self.lora_b, self.lora_row_part, self.lora_batch.sorted_rows)
-        elif self.lora_batch.groups:
-            from hylo.kernels.reference import lora_delta
-
-            lora_delta(x, y, self.lora_a, self.lora_b, self.lora_rows, self.lora_batch.groups)
+        # A decode step's shrink reads only x: it runs on a second stream beside the base GEMM, so that its latency
+        # (a few µs of dependent loads and atomics, ~128 times a 9B step) hides behind the GEMM's; the expand, which
+        # adds into the GEMM's output, waits for both. Inside a captured step the two streams are a fork and a join.
+        shrunk = batch.take_shrunk(x.shape[0], self.lora_a.shape[1] * self.lora_a.shape[2])
+        main, side = torch.cuda.current_stream(x.device), batch.side_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            lora_shrink(x, self.lora_a, batch.token_slots, shrunk)
+        y = F.linear(x, self.weight)
+        main.wait_stream(side)
+        lora_expand(shrunk, y, self.lora_b, self.lora_row_part, batch.token_slots)
         return y
