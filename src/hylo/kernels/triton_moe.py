@@ -16,7 +16,7 @@ import triton.language as tl
 
 from hylo.kernels.triton_activations import silu_mul
 from hylo.kernels.triton_grouped import SortedRows, grouped_matmul, lora_sgmv, sort_rows
-from hylo.kernels.triton_lora import lora_bgmv
+from hylo.kernels.triton_lora import lora_bgmv, lora_expand, lora_shrink
 
 GEMV_PAIRS = 256  # up to this many (token, expert) pairs, per-pair GEMVs beat sorting (scripts/compare_moe_paths.py)
 
@@ -89,9 +89,10 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
     by_expert = None if per_pair else sort_rows(flat, layer.num_experts)
     batch = getattr(layer, "lora_batch", None)
     lora = _ExpertLoRA(layer, flat, top_k) if batch is not None and batch.active else None
+    shrunk13 = lora.shrink_beside(x, layer.lora_a13) if lora else None
     gate_up = _expert_matmul(x, layer.w13, flat, top_k, by_expert)  # [pairs, 2·local]
     if lora:
-        lora.add(x, gate_up, layer.lora_a13, layer.lora_b13, layer.lora_row_part13, top_k)
+        lora.add(x, gate_up, layer.lora_a13, layer.lora_b13, layer.lora_row_part13, top_k, shrunk13)
     if by_expert is None:
         # The activation is applied as the down GEMV reads its input (one launch fewer per layer at decode); the same
         # launch writes it out for the adapters' down_proj, which reads it.
@@ -117,10 +118,26 @@ class _ExpertLoRA:
             groups = torch.where(slots >= 0, slots * layer.num_experts + experts, -1)
             self.sorted = sort_rows(groups, layer.lora_a13.shape[0] * layer.num_experts)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_part: torch.Tensor, x_div: int) -> None:
+    def shrink_beside(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        """A decode step's gate and up shrink, launched beside the experts' GEMV (it reads only the block's input);
+        `add` joins it. None in a step that sorts the pairs."""
+        if self.sorted is not None:
+            return None
+        a = a.flatten(0, 1)
+        shrunk = self.batch.take_shrunk(self.experts.numel(), a.shape[1] * a.shape[2])
+        with self.batch.beside(x.device):
+            lora_shrink(x, a, self.batch.token_slots, shrunk, self.experts, self.n_experts)
+        return shrunk
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_part: torch.Tensor, x_div: int,
+            shrunk: torch.Tensor | None = None) -> None:
+        """y += each pair's delta; `shrunk`: from `shrink_beside`, whose expand is all that is left."""
         a, b = a.flatten(0, 1), b.flatten(0, 1)
         if self.sorted is not None:
             lora_sgmv(x, y, a, b, row_part, self.sorted, x_div)
+        elif shrunk is not None:
+            self.batch.join(y.device)
+            lora_expand(shrunk, y, b, row_part, self.batch.token_slots, self.experts, self.n_experts)
         else:
             shrunk = self.batch.take_shrunk(y.shape[0], a.shape[1] * a.shape[2])
             lora_bgmv(x, y, a, b, row_part, self.batch.token_slots, shrunk, self.experts, self.n_experts)

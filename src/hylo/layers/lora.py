@@ -8,7 +8,8 @@ the layer's declared parts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -61,10 +62,23 @@ class LoRABatch:
         self.shrunk[:size].zero_()
         self.shrunk_used = 0
 
-    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
+    @contextmanager
+    def beside(self, device: torch.device) -> Iterator[None]:
+        """CUDA work launched inside runs on a second stream, after all that the current stream has launched so far,
+        and may overlap what the current stream launches next, until `join`. Inside a captured step: a fork."""
+        if device.type != "cuda":  # Triton's interpreter, on the CPU: nothing runs beside anything
+            yield
+            return
         if self.side is None:
             self.side = torch.cuda.Stream(device)
-        return self.side
+        self.side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.side):
+            yield
+
+    def join(self, device: torch.device) -> None:
+        """The current stream waits for the work launched `beside` it."""
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).wait_stream(self.side)
 
     def take_shrunk(self, rows: int, width: int) -> torch.Tensor:
         """The next zeroed [rows, width] of this step's scratch, for one BGMV call."""
@@ -151,11 +165,9 @@ class LoRALinear:
         # (a few µs of dependent loads and atomics, ~128 times a 9B step) hides behind the GEMM's; the expand, which
         # adds into the GEMM's output, waits for both. Inside a captured step the two streams are a fork and a join.
         shrunk = batch.take_shrunk(x.shape[0], self.lora_a.shape[1] * self.lora_a.shape[2])
-        main, side = torch.cuda.current_stream(x.device), batch.side_stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        with batch.beside(x.device):
             lora_shrink(x, self.lora_a, batch.token_slots, shrunk)
         y = F.linear(x, self.weight)
-        main.wait_stream(side)
+        batch.join(x.device)
         lora_expand(shrunk, y, self.lora_b, self.lora_row_part, batch.token_slots)
         return y
