@@ -61,6 +61,14 @@ class Batch:
         pairs = [(seq, chunk) for seq, n in enumerate(self.query_lens) for chunk in range(-(-n // GDN_CHUNK))]
         return device_tensor(pairs, self.cu_seqlens.device).view(-1, 2)
 
+    @functools.cached_property
+    def attention_cu_seqlens(self) -> torch.Tensor:
+        """[2, seqs + 1] int32, for flash attention's varlen prefill: where each sequence's queries start among the
+        step's tokens, and where its keys (its cached tokens, then this step's) start among all keys. Made once per
+        step from the host's lists."""
+        keys = [c + n for c, n in zip(self.context_lens, self.query_lens)]
+        return device_tensor([[0, *itertools.accumulate(self.query_lens)], [0, *itertools.accumulate(keys)]], self.cu_seqlens.device, torch.int32)
+
 
 @dataclass
 class StepInput:

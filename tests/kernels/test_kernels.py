@@ -78,16 +78,22 @@ def test_chunked_and_recurrent_gated_delta_rule_agree():
     torch.testing.assert_close(states[3], step_states[3], atol=1e-4, rtol=1e-4)
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("contexts, lengths", [([0, 0, 0], [7, 1, 12]), ([5, 0, 9], [3, 4, 2])], ids=["from-empty", "chunked"])
-def test_prefill_attention_equals_reference(contexts, lengths, dtype, tol):
+@pytest.mark.parametrize("contexts, lengths", [([0, 0, 0], [7, 1, 12]), ([5, 0, 9], [3, 4, 2]), ([0, 40, 0], [100, 50, 1])],
+                         ids=["from-empty", "chunked", "longer"])
+def test_prefill_attention_equals_reference(contexts, lengths, dtype, tol, device):
     """Fresh sequences attend to this step's keys; continuing ones (a later prefill chunk) read their history
-    from shuffled blocks. Both write the cache exactly as the reference does."""
+    from shuffled blocks. Both write the cache exactly as the reference does. On a GPU in bfloat16 this is flash
+    attention's varlen kernel (its causal mask must sit at each sequence's lower right), in float32 SDPA."""
     torch.manual_seed(6)
     n = sum(lengths)
-    batch = prefill_step(contexts, lengths).to_batch(torch.device("cpu"))
-    q, k, v = torch.randn(n, 4, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype), torch.randn(n, 2, 16, dtype=dtype)
-    cache = torch.randn(2, 64, BLOCK, 2, 16, dtype=dtype)
+    batch = prefill_step(contexts, lengths).to_batch(torch.device(device))
+    q, k, v = (torch.randn(n, heads, 16, dtype=dtype, device=device) for heads in (4, 2, 2))
+    cache = torch.randn(2, 64, BLOCK, 2, 16, dtype=dtype, device=device)
     ref_cache = cache.clone()
     got = gpu.prefill_attention(q, k, v, cache, batch, 0.25)
     ref = reference.paged_attention(q, k, v, ref_cache, batch, 0.25)

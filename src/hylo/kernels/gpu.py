@@ -1,5 +1,5 @@
 """The CUDA path of each state-carrying operation: a decode step goes to the Triton kernels (graph-safe), a
-prefill to SDPA's fused causal kernel, fla-core's chunked gated delta rule and the Triton prefill conv. No
+prefill to flash attention's varlen kernel, fla-core's chunked gated delta rule and the Triton prefill conv. No
 prefill path reads a device tensor back to the host: each such read would leave the GPU idle.
 
 Triton and fla are imported at first use, so this module also imports where they are absent.
@@ -70,10 +70,13 @@ def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, states, batch: Batch) -> tor
 
 
 def prefill_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Tensor:
-    """Each sequence's new tokens attend to its cached tokens and causally to each other, through SDPA's fused
-    kernels. The cache is written first, so a sequence that continues (a chunked prefill) reads its history
-    from its blocks; a fresh one uses this step's keys directly."""
+    """Each sequence's new tokens attend to its cached tokens and causally to each other. The cache is written
+    first, so a sequence that continues (a chunked prefill) reads its history from its blocks; a fresh one uses
+    this step's keys directly. In half precision on a GPU, all sequences go to flash attention's varlen kernel in
+    one call; otherwise (float32, which flash attention does not take; the CPU) each sequence goes to SDPA."""
     flat = reference.write_kv(k, v, kv_cache, batch)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _varlen_attention(q, k, v, flat, kv_cache.shape[2], batch, scale)
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = q.shape[1] // kv_heads
     out = torch.empty_like(q)
@@ -97,6 +100,23 @@ def prefill_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Te
         attended = F.scaled_dot_product_attention(q[s].transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=mask is None, scale=scale)
         out[s] = attended[0].transpose(0, 1)
     return out
+
+
+def _varlen_attention(q, k, v, flat: torch.Tensor, block_size: int, batch: Batch, scale: float) -> torch.Tensor:
+    """One launch for the whole step, where SDPA takes one per sequence (and a 16-prompt prefill was bound by those
+    launches). Flash attention's causal mask is aligned to the lower right of each sequence's (queries, keys), as a
+    continuing sequence needs, and it reads grouped key heads as they are."""
+    cu_q, cu_k = batch.attention_cu_seqlens
+    keys = sum(batch.context_lens) + q.shape[0]
+    if keys > q.shape[0]:  # some sequences continue: every sequence's keys are gathered from its blocks
+        rows = torch.repeat_interleave(torch.arange(batch.num_seqs, device=q.device), cu_k.diff(), output_size=keys)
+        positions = torch.arange(keys, device=q.device) - cu_k[rows]
+        slots = batch.block_tables[rows, positions // block_size] * block_size + positions % block_size
+        k, v = flat[0, slots].to(q.dtype), flat[1, slots].to(q.dtype)
+    longest = max(c + n for c, n in zip(batch.context_lens, batch.query_lens))
+    return torch.ops.aten._flash_attention_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max(batch.query_lens), longest, 0.0, True, False, scale=scale
+    )[0]
 
 
 def _starts(batch: Batch) -> list[int]:
