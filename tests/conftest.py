@@ -243,4 +243,4 @@ def break_sampling(monkeypatch, seed: int, message: str) -> None:
         return sample
 
     monkeypatch.setattr(engine_module, "sample", failing(engine_module.sample))
-    monkeypatch.setattr(engine_module, "sample_tokens", failing(engine_module.sample_tokens))
+    monkeypatch.setattr(engine_module, "sample_on_device", failing(engine_module.sample_on_device))

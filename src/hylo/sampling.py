@@ -9,6 +9,7 @@ import torch
 
 from hylo.batch import device_tensor
 from hylo.errors import InvalidParam
+from hylo.kernels import reference
 from hylo.structured.params import StructuredOutputsParams
 
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily
@@ -171,6 +172,33 @@ def sample_tokens(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tens
         for j, r in enumerate(stochastic):
             tokens[r] = torch.multinomial(probs[j], 1, generator=_generator(inputs[r], logits.device))[0]
     return tokens
+
+
+def sample_on_device(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:
+    """[2, rows] int64 on the logits' device, as async scheduling copies it back: each row's token, and 1 where the
+    row's logits are all finite, else 0 (such a row samples from zeros instead, the stochastic kernels must not meet
+    NaN, and its token is meaningless). A batch of greedy rows with nothing to apply takes one launch on a GPU."""
+    if all(_argmax_only(i) for i in inputs):
+        return greedy_tokens(logits)
+    finite = torch.isfinite(logits).all(dim=-1)
+    tokens = sample_tokens(torch.where(finite[:, None], logits, 0.0), inputs)
+    return torch.stack([tokens, finite.to(tokens.dtype)])
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """[2, rows] int64: each row's argmax (the lowest index among equal maxima) and whether the row is finite."""
+    if logits.is_cuda:
+        from hylo.kernels.triton_sampling import greedy_tokens
+
+        return greedy_tokens(logits)
+    return reference.greedy_tokens(logits)
+
+
+def _argmax_only(inp: SampleInput) -> bool:
+    """Whether a row's token is its logits' argmax as they are: greedy, nothing masked, biased or penalized."""
+    p = inp.params
+    return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and p.allowed_token_ids is None and not inp.banned and not inp.bad_words and inp.token_bitmask is None)
 
 
 def samples_on_device(p: SamplingParams) -> bool:

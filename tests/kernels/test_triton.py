@@ -425,3 +425,25 @@ def test_grouped_tiles_do_not_grow_the_contexts_stack():
     probe = subprocess.run([sys.executable, "-c", SPILL_PROBE], capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert int(probe.stdout.split()[-1]) <= 2048, f"per-thread stack grew to {probe.stdout.split()[-1]} bytes"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [50, 4096, 9000])  # under one block, exactly one, and a ragged last block
+def test_greedy_tokens(dtype, vocab):
+    """Each row's argmax and finiteness against torch's, on a strided view (the graph's logits rows): ties across
+    and within blocks go to the lowest index, and NaN, inf and -inf each flag their row."""
+    from hylo.kernels.triton_sampling import greedy_tokens
+
+    torch.manual_seed(0)
+    logits = rand(7, vocab + 3, dtype=dtype)[:, :vocab]
+    logits[1, [vocab - 1, vocab // 2, 3]] = 9.0  # the same maximum three times, in different blocks where vocab allows
+    logits[2, [0, 1]] = 9.0  # a tie within a block
+    logits[3, vocab - 1] = 9.0  # the last column, in the ragged block
+    logits[4, vocab // 3] = float("nan")
+    logits[5, 0] = float("inf")
+    logits[6, vocab - 1] = float("-inf")
+    got = greedy_tokens(logits)
+    ref = reference.greedy_tokens(logits)
+    assert got[1].tolist() == ref[1].tolist() == [1, 1, 1, 1, 0, 0, 0]
+    assert got[0, :4].tolist() == ref[0, :4].tolist()
+    assert got[0, 1] == 3 and got[0, 2] == 0 and got[0, 3] == vocab - 1

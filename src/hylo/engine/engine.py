@@ -32,7 +32,7 @@ from hylo.lora.request import LoRARequest
 from hylo.lora.slots import LoRASlots
 from hylo.models.qwen3_5 import Qwen3_5ForCausalLM
 from hylo.outputs import CompletionOutput, Logprob, RequestOutput
-from hylo.sampling import InvalidParam, NoTokenAllowed, SampleInput, Sampled, SamplingParams, sample, sample_tokens, samples_on_device
+from hylo.sampling import InvalidParam, NoTokenAllowed, SampleInput, Sampled, SamplingParams, sample, sample_on_device, samples_on_device
 from hylo.structured import GrammarCompiler, GrammarError
 
 log = logging.getLogger("hylo")
@@ -357,7 +357,7 @@ class LLMEngine:
                 self._read_back(touched)  # the previous step's tokens, while this one runs on the device
             if sampling and self.async_scheduling and all(self._samples_on_device(item.seq) for item in sampling):
                 try:
-                    self._in_flight = InFlight.start(logits, sampling, [self._sample_input(item) for item in sampling], sample_tokens)
+                    self._in_flight = InFlight.start(logits, sampling, [self._sample_input(item) for item in sampling], sample_on_device)
                     for item in sampling:  # never scheduled past its end; the others' next step goes ahead of it
                         item.seq.last_in_flight = self._at_limit(item.seq)
                     return [self._output(r) for r in touched.values()]

@@ -21,14 +21,12 @@ class InFlight:
 
     @staticmethod
     def start(logits: torch.Tensor, items: list[Scheduled], inputs: list[SampleInput],
-              sample_tokens: Callable[[torch.Tensor, list[SampleInput]], torch.Tensor]) -> InFlight:
-        """Sample on the device (`sample_tokens`, the engine's) and start copying the tokens back; nothing is changed if
-        sampling raises."""
-        finite = torch.isfinite(logits).all(dim=-1)
-        # A row that is not finite samples from zeros instead (the stochastic kernels must not meet NaN); its request
-        # fails when the row is read back, as the synchronous path fails it.
-        tokens = sample_tokens(torch.where(finite[:, None], logits, 0.0), inputs)
-        both = torch.stack([tokens, finite.to(tokens.dtype)])
+              sample_on_device: Callable[[torch.Tensor, list[SampleInput]], torch.Tensor]) -> InFlight:
+        """Sample on the device (`sample_on_device`, the engine's: tokens and whether each row was finite) and start
+        copying them back; nothing is changed if sampling raises. A row that was not finite fails when it is read back,
+        as the synchronous path fails it."""
+        both = sample_on_device(logits, inputs)
+        tokens = both[0]
         cuda = logits.is_cuda
         host = torch.empty(both.shape, dtype=both.dtype, pin_memory=cuda)
         host.copy_(both, non_blocking=cuda)

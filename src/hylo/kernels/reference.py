@@ -254,3 +254,9 @@ def routed_experts(layer, x: torch.Tensor, weights: torch.Tensor, experts: torch
 def _slot_groups(slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """(slot, positions) for each adapter slot among these tokens."""
     return [(s, torch.where(slots == s)[0]) for s in slots.unique().tolist() if s >= 0]
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """[2, rows] int64: each row's argmax (torch's: the lowest index among equal maxima) and 1 where every logit of the
+    row is finite, else 0."""
+    return torch.stack([logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1).long()])
