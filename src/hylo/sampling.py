@@ -177,7 +177,7 @@ def sample_tokens(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tens
 def sample_on_device(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:
     """[2, rows] int64 on the logits' device, as async scheduling copies it back: each row's token, and 1 where the
     row's logits are all finite, else 0 (such a row samples from zeros instead, the stochastic kernels must not meet
-    NaN, and its token is meaningless). A batch of greedy rows with nothing to apply takes one launch on a GPU."""
+    NaN, and its token is meaningless). A batch of greedy rows with nothing to apply takes two launches on a GPU."""
     if all(_argmax_only(i) for i in inputs):
         return greedy_tokens(logits)
     finite = torch.isfinite(logits).all(dim=-1)
