@@ -340,7 +340,7 @@ def run(shape: str, batches: list[int], adapters: list[int], rank: int, prompt_l
         start = time.perf_counter()
         decode_ms(llm, n_prompts, loras[:1], 1024, 1)
         seconds = time.perf_counter() - start
-        result["prefill"] = {"tokens": n_prompts * 1024, "tokens_per_s": n_prompts * 1024 / seconds,
+        result["prefill"] = {"tokens": n_prompts * 1024, "adapter": bool(loras), "tokens_per_s": n_prompts * 1024 / seconds,
                              "matmul_fraction": 2 * (active // 2) * n_prompts * 1024 / seconds / result["bf16_flops_per_s"]}
         if long_context:
             short_step_ms = {b: step["step_ms"] for b, step in result["decode_step"].items()}
@@ -449,7 +449,7 @@ def print_table(r: dict) -> None:
         w = r["adapter_swap"]
         print(f"adapter swap ({w['bytes'] / 2**20:.0f} MiB): queued in {w['queue_ms']:.2f} ms, copied in {w['copy_done_ms']:.2f} ms")
     p = r["prefill"]
-    print(f"prefill, {p['tokens']} tokens with an adapter: {p['tokens_per_s']:.0f} tok/s = {100 * p['matmul_fraction']:.0f}% of the bf16 matmul rate")
+    print(f"prefill, {p['tokens']} tokens {'with an adapter' if p['adapter'] else 'of the base model'}: {p['tokens_per_s']:.0f} tok/s = {100 * p['matmul_fraction']:.0f}% of the bf16 matmul rate")
     if "long_context" in r:
         print_long_context(r["long_context"])
     if "hf_peft" in r:
