@@ -328,10 +328,16 @@ def test_sparse_moe_layer_on_fast_ops(dtype):
                           shared_expert_intermediate_size=56)
     ref_ops = select_ops(torch.device("cpu"))
     fast_ops = replace(ref_ops, route=triton_moe.route, routed_experts=triton_moe.routed_experts, silu_mul=triton_activations.silu_mul)
-    with torch.device(DEV):
-        fast, ref = SparseMoE(cfg, TPGroup(), fast_ops, ""), SparseMoE(cfg, TPGroup(), ref_ops, "")
-    for p, q in zip(fast.parameters(), ref.parameters()):
-        p.data = q.data = rand(*p.shape, dtype=dtype) * 0.3
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as the worker builds a model: in its dtype, on its device
+    try:
+        with torch.device(DEV):
+            fast, ref = SparseMoE(cfg, TPGroup(), fast_ops, ""), SparseMoE(cfg, TPGroup(), ref_ops, "")
+    finally:
+        torch.set_default_dtype(default)
+    for p, q in zip(fast.parameters(), ref.parameters()):  # in place: a column layer's GEMM also reads the zero rows after its weight
+        p.copy_(rand(*p.shape, dtype=dtype) * 0.3)
+        q.copy_(p)
     x = rand(5, 48, dtype=dtype)
     # Both in the same dtype, so both routers see the same logits and pick the same experts.
     got, want = fast(x).float(), ref(x).float()

@@ -145,11 +145,15 @@ class LoRALinear:
         index = [p.key for p in self.lora_parts()].index(part.key)
         return tensors[0][index], tensors[1]
 
+    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ [tokens, out_local], the base model's GEMM."""
+        return F.linear(x, self.weight)
+
     def lora_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x·Wᵀ [tokens, out_local] (before any all-reduce), plus each token's adapter delta."""
         batch = self.lora_batch if self.lora_a is not None else None
         if batch is None or not batch.per_token:
-            y = F.linear(x, self.weight)
+            y = self.base_linear(x)
             if batch is not None and batch.sorted_rows is not None:
                 from hylo.kernels.triton_grouped import lora_sgmv
 
@@ -167,7 +171,7 @@ class LoRALinear:
         shrunk = batch.take_shrunk(x.shape[0], self.lora_a.shape[1] * self.lora_a.shape[2])
         with batch.beside(x.device):
             lora_shrink(x, self.lora_a, batch.token_slots, shrunk)
-        y = F.linear(x, self.weight)
+        y = self.base_linear(x)
         batch.join(x.device)
         lora_expand(shrunk, y, self.lora_b, self.lora_row_part, batch.token_slots)
         return y
