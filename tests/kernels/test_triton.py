@@ -453,3 +453,4 @@ def test_greedy_tokens(dtype, vocab):
     assert got[1].tolist() == ref[1].tolist() == [1, 1, 1, 1, 0, 0, 0]
     assert got[0, :4].tolist() == ref[0, :4].tolist()
     assert got[0, 1] == 3 and got[0, 2] == 0 and got[0, 3] == vocab - 1
+    assert torch.equal(greedy_tokens(logits.t().contiguous().t()), got)  # columns strided: read as rows all the same

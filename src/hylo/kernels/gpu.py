@@ -73,9 +73,10 @@ def prefill_attention(q, k, v, kv_cache, batch: Batch, scale: float) -> torch.Te
     """Each sequence's new tokens attend to its cached tokens and causally to each other. The cache is written
     first, so a sequence that continues (a chunked prefill) reads its history from its blocks; a fresh one uses
     this step's keys directly. In half precision on a GPU, all sequences go to flash attention's varlen kernel in
-    one call; otherwise (float32, which flash attention does not take; the CPU) each sequence goes to SDPA."""
+    one call; otherwise (float32 or a head size flash attention does not take; the CPU) each sequence goes to SDPA."""
     flat = reference.write_kv(k, v, kv_cache, batch)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    head_dim = q.shape[-1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
         return _varlen_attention(q, k, v, flat, kv_cache.shape[2], batch, scale)
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = q.shape[1] // kv_heads
